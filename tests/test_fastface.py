@@ -1,0 +1,242 @@
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from plugins.fastface import FastFace
+
+
+def reference_lrs(losses, lr0, total_steps, alpha=1e-3, beta=1e-3, threshold=5e-5, tolerance=0.05, decay=2.0,
+                  max_decays=8):
+    """The authors' recurrence, written out plainly (one lr value, list of lrs after each step)."""
+    lam, tau, delta = threshold, tolerance, decay
+    w1, w2, w3 = 2 - alpha - beta, (1 - alpha) * (1 - beta), alpha * beta
+    T = int(total_steps * tau)
+    lr, w = lr0, 1.0
+    prev = d1 = d2 = 0.0
+    count = decays = 0
+    calls = 0
+    out = []
+    for loss in losses:
+        lr = lr * w
+        calls += 1
+        if calls == 1:
+            prev = loss
+            out.append(lr)
+            continue
+        if calls == 2:
+            d = alpha * (prev - loss)
+        else:
+            d = w1 * d1 - w2 * d2 + w3 * (prev - loss)
+        if d < lam:
+            if count < T:
+                w = 1.0
+                count += 1
+            else:
+                w = 1.0 / delta
+                count = 0
+                decays += 1
+            if decays > max_decays:
+                w = 1.0
+        else:
+            w = 1.0
+            count = 0
+        d2, d1, prev = d1, d, loss
+        out.append(lr)
+    return out
+
+
+def plateau_losses(n, seed=0, noise=0.05, slope=1e-3, segments=4):
+    """A noisy loss that falls by `slope` per step, then stalls, in alternating segments."""
+    rng = np.random.default_rng(seed)
+    seg = np.arange(n) * segments // n
+    decrement = np.where(seg % 2 == 0, slope, 0.0)
+    base = 10.0 - np.cumsum(decrement)
+    return (base + noise * rng.standard_normal(n)).tolist()
+
+
+# faster EMAs so that short sequences reach several plateaus
+FAST = dict(alpha=1e-2, beta=5e-3, threshold=1e-4, tolerance=0.01)
+
+
+def make_optimizer(lrs=(0.02,)):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
+
+
+def run(scheduler, losses):
+    out = []
+    for loss in losses:
+        scheduler.step(loss)
+        out.append(scheduler.get_last_lr())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_reference_recurrence_on_noisy_plateaus(seed):
+    n = 20000
+    losses = plateau_losses(n, seed)
+    kwargs = dict(alpha=2e-3, beta=1e-3, threshold=1e-4, tolerance=0.01, decay=2.0, max_decays=8)
+    opt = make_optimizer()
+    sched = FastFace(opt, total_steps=n, **kwargs)
+    got = [lr[0] for lr in run(sched, losses)]
+    want = reference_lrs(losses, 0.02, n, **kwargs)
+    assert got == want  # exact: same float operations in the same order
+    assert sched.decays >= 2, "the test curve must trigger decays to be meaningful"
+    assert min(got) < 0.02 / 3
+
+
+def test_default_parameters_match_reference():
+    n = 5000
+    losses = plateau_losses(n, 7, noise=0.5)
+    sched = FastFace(make_optimizer(), total_steps=n)
+    got = [lr[0] for lr in run(sched, losses)]
+    assert got == reference_lrs(losses, 0.02, n)
+    assert sched.decays >= 1
+
+
+def test_construction_leaves_lr_unchanged_and_first_steps_do_not_decay():
+    opt = make_optimizer((0.3,))
+    sched = FastFace(opt, total_steps=10)
+    assert opt.param_groups[0]["lr"] == 0.3
+    assert sched.get_last_lr() == [0.3]
+    sched.step(1.0)
+    assert sched.get_last_lr() == [0.3]
+
+
+def test_tolerance_zero_decays_on_every_stagnant_step_up_to_max_decays():
+    n = 50
+    losses = [1.0] * n  # no decrease at all: D = 0 < lambda on every step from the second
+    opt = make_optimizer()
+    sched = FastFace(opt, total_steps=n, tolerance=0.0, max_decays=3)
+    got = [lr[0] for lr in run(sched, losses)]
+    assert got == reference_lrs(losses, 0.02, n, tolerance=0.0, max_decays=3)
+    # step 2 decides, step 3 applies; three decays and no more
+    assert got[:2] == [0.02, 0.02]
+    assert got[2:5] == [0.01, 0.005, 0.0025]
+    assert got[-1] == 0.0025
+
+
+def test_tiny_total_steps():
+    losses = [3.0, 3.0, 3.0, 3.0]
+    sched = FastFace(make_optimizer(), total_steps=1)
+    got = [lr[0] for lr in run(sched, losses)]
+    assert got == reference_lrs(losses, 0.02, 1)
+    assert got == [0.02, 0.02, 0.01, 0.005]
+    with pytest.raises(ValueError, match="total_steps"):
+        FastFace(make_optimizer(), total_steps=0)
+
+
+def test_every_param_group_scaled_alike():
+    n = 3000
+    losses = plateau_losses(n, 3)
+    opt = make_optimizer((0.1, 0.1 / 3, 0.5))
+    sched = FastFace(opt, total_steps=n, **FAST)
+    got = run(sched, losses)
+    ref = reference_lrs(losses, 1.0, n, **FAST)
+    assert sched.decays >= 1
+    for lrs, factor in zip(got, ref):
+        assert lrs == pytest.approx([0.1 * factor, 0.1 / 3 * factor, 0.5 * factor], rel=1e-12)
+    assert [g["lr"] for g in opt.param_groups] == got[-1]
+
+
+def test_nan_and_inf_repeat_one_value_and_do_not_freeze():
+    n = 4000
+    losses = plateau_losses(n, 4)
+    kwargs = FAST
+    clean = [lr[0] for lr in run(FastFace(make_optimizer(), total_steps=n, **kwargs), losses)]
+    bad_at = [10, 1500, 1501, 2999]
+    noisy = list(losses)
+    for k, pos in enumerate(sorted(bad_at, reverse=True)):
+        noisy.insert(pos, [math.nan, math.inf, -math.inf, math.nan][k])
+    sched = FastFace(make_optimizer(), total_steps=n, **kwargs)
+    got = [lr[0] for lr in run(sched, noisy)]
+    assert len(got) == n + len(bad_at)
+    # removing the values at the non-finite steps gives back the clean trajectory
+    finite_positions = [i for i, v in enumerate(noisy) if math.isfinite(v)]
+    assert [got[i] for i in finite_positions] == clean
+    # the LR at a non-finite step repeats the next finite one (pending decision applied)
+    for i, v in enumerate(noisy):
+        if not math.isfinite(v):
+            j = next(k for k in range(i + 1, len(noisy)) if math.isfinite(noisy[k]))
+            assert got[i] == got[j]
+    assert clean[-1] < clean[0], "decays after the NaNs must still happen"
+
+
+def test_resume_from_state_dict_gives_identical_trajectory(tmp_path):
+    n = 6000
+    losses = plateau_losses(n, 5)
+    kwargs = FAST
+    model = torch.nn.Linear(4, 2)
+    full_opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    full = [lr[0] for lr in run(FastFace(full_opt, total_steps=n, **kwargs), losses)]
+
+    cut = 3333
+    opt = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.02, momentum=0.9)
+    sched = FastFace(opt, total_steps=n, **kwargs)
+    first = [lr[0] for lr in run(sched, losses[:cut])]
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "ckpt.pt")
+    assert sched.decays >= 1 and sched.seen == cut
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    opt2 = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.02, momentum=0.9)
+    sched2 = FastFace(opt2, total_steps=n, **kwargs)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    rest = [lr[0] for lr in run(sched2, losses[cut:])]
+    assert first + rest == full
+
+
+def test_state_is_constant_size():
+    fresh = FastFace(make_optimizer((0.1, 0.2)), total_steps=100).state_dict()
+    sched = FastFace(make_optimizer((0.1, 0.2)), total_steps=100)
+    run(sched, plateau_losses(5000, 1))
+    state = sched.state_dict()
+    assert set(state) == set(fresh)
+    for key, value in state.items():
+        if isinstance(value, (list, tuple, dict)):
+            assert len(value) == len(fresh[key]) <= 2, key
+
+
+def test_step_without_loss_is_an_error():
+    sched = FastFace(make_optimizer(), total_steps=100)
+    with pytest.raises(TypeError, match="loss"):
+        sched.step()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, n, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # each rank sees its own noisy local loss, as with a loss averaged only over the local batch
+    losses = plateau_losses(n, seed=100 + rank, noise=0.2)
+    sched = FastFace(make_optimizer(), total_steps=n, **FAST)
+    lrs = [lr[0] for lr in run(sched, losses)]
+    np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.array(lrs))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_take_identical_decisions(tmp_path):
+    n = 3000
+    mp.spawn(_ddp_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert np.array_equal(r0, r1)
+    assert r0[-1] < r0[0]
+    # and they follow the recurrence on the mean of the two ranks' losses
+    mean = [(a + b) / 2 for a, b in zip(plateau_losses(n, 100, 0.2), plateau_losses(n, 101, 0.2))]
+    ref = reference_lrs(mean, 0.02, n, **FAST)
+    assert r0.tolist() == ref
+    # without the reduction the two ranks' local decisions differ
+    local0 = reference_lrs(plateau_losses(n, 100, 0.2), 0.02, n, **FAST)
+    local1 = reference_lrs(plateau_losses(n, 101, 0.2), 0.02, n, **FAST)
+    assert local0 != local1
