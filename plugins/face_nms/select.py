@@ -1,0 +1,399 @@
+"""Face-NMS core-set selection (Chen et al., 2021).
+
+Per identity, faces are ranked by their contribution to global sparsity (cosine to the
+identity center, hard faces first), then suppressed NMS-style: a face is dropped when its
+cosine with an already kept face of the same identity exceeds the threshold (local sparsity).
+
+Identities are streamed: rows are grouped by identity (a regrouping pass writes a grouped copy
+of a memory-mapped feature file whose identities are scattered, as in im2rec-packed
+datasets), read one block of identities at a time, and processed in batches of identities of
+similar size with batched matrix products, on the GPU when one is given. Memory is bounded by
+one block (``chunk_rows`` rows, or the largest identity) plus a few bytes of bookkeeping per
+face (label, grouping order, keep flag), never by N x d.
+"""
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .proxy_subset import check_ratio, per_identity_quota, random_subset, rank_within_identity
+
+ORDERS = ("hard-first", "easy-first", "random")
+METHODS = ("nms", "random", "global", "local")
+RATIO_TOLERANCE = 0.005
+TIE_SCALE = float(1 << 20)
+
+
+@dataclass
+class Selection:
+    """Result of a selection: ``keep`` holds the sorted kept row indices."""
+    keep: np.ndarray
+    threshold: float = None
+    method: str = "nms"
+    order: str = "hard-first"
+    total: int = 0
+    nn_cos: np.ndarray = None  # per kept row (same order as keep): max cosine to another kept face
+    search: list = field(default_factory=list)  # (threshold, kept fraction) evaluated by a ratio search
+
+    @property
+    def kept(self):
+        return len(self.keep)
+
+    @property
+    def fraction(self):
+        return self.kept / self.total if self.total else 0.0
+
+
+def _check_inputs(features, labels, centers):
+    if features.ndim != 2:
+        raise ValueError(f"features must be an N x d array, got shape {features.shape}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(features):
+        raise ValueError(f"labels must have one entry per feature row: {labels.shape} labels for "
+                         f"{len(features)} features")
+    if len(labels) == 0:
+        raise ValueError("the dataset is empty: no features to select from")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(labels == np.floor(labels)):
+            raise ValueError("labels must be integer identity ids")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise ValueError(f"labels must be >= 0, found {labels.min()}")
+    if centers is not None:
+        centers = np.asarray(centers, np.float32)
+        if centers.ndim != 2 or centers.shape[1] != features.shape[1] or len(centers) <= labels.max():
+            raise ValueError(f"centers must be a (num_classes x {features.shape[1]}) array covering label "
+                             f"{labels.max()}, got shape {centers.shape}")
+    return labels, centers
+
+
+class _Groups:
+    """Identity groups of a feature array, read in blocks of whole identities."""
+
+    def __init__(self, features, labels, chunk_rows, workdir=None):
+        self.features, self.labels, self.chunk_rows = features, labels, chunk_rows
+        n = len(labels)
+        change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        run_labels = labels[starts]
+        self.order = None
+        self.grouped = features
+        self._tmp = None
+        if len(np.unique(run_labels)) != len(run_labels):
+            # identities scattered through the rows: group them once
+            self.order = np.argsort(labels, kind="stable")
+            sorted_labels = labels[self.order]
+            starts = np.concatenate([[0], np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1])
+            run_labels = sorted_labels[starts]
+            if isinstance(features, np.memmap):
+                self.grouped = self._regroup(workdir)
+        self.starts = starts
+        self.sizes = np.diff(np.append(starts, n))
+        self.group_labels = run_labels
+
+    def _regroup(self, workdir):
+        """Streams the features once and writes them grouped by identity to a temporary file."""
+        src = self.features
+        workdir = workdir or os.path.dirname(os.path.abspath(src.filename))
+        self._tmp = os.path.join(workdir, f".grouped-{os.getpid()}.f{src.dtype.itemsize * 8}")
+        dst = np.memmap(self._tmp, dtype=src.dtype, mode="w+", shape=src.shape)
+        pos = np.empty(len(self.order), np.int64)
+        pos[self.order] = np.arange(len(self.order))
+        for s in range(0, len(src), self.chunk_rows):
+            e = min(s + self.chunk_rows, len(src))
+            block = np.asarray(src[s:e])
+            dst[pos[s:e]] = block
+        dst.flush()
+        del pos
+        return dst
+
+    def close(self):
+        if self._tmp is not None:
+            del self.grouped
+            os.remove(self._tmp)
+            self._tmp = None
+
+    def rows(self, s, e):
+        """Original row indices of grouped positions s..e."""
+        return np.arange(s, e) if self.order is None else self.order[s:e]
+
+    def row_of(self, positions):
+        """Original row indices of grouped positions."""
+        return np.asarray(positions, np.int64) if self.order is None else self.order[positions]
+
+    def blocks(self):
+        """(group indices, block start, features of the block as float32) in grouped order."""
+        g, n_groups = 0, len(self.starts)
+        while g < n_groups:
+            s = self.starts[g]
+            h = g + 1
+            while h < n_groups and self.starts[h] + self.sizes[h] - s <= self.chunk_rows:
+                h += 1
+            e = self.starts[h - 1] + self.sizes[h - 1]
+            if self.order is None or self.grouped is not self.features:
+                block = np.asarray(self.grouped[s:e], dtype=np.float32)
+            else:
+                block = np.asarray(self.features[self.order[s:e]], dtype=np.float32)
+            yield np.arange(g, h), s, block
+            g = h
+
+
+def _splitmix(x):
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    return x ^ (x >> np.uint64(31))
+
+
+def random_keys(rows, seed):
+    """A uniform key in [0, 1) per row, a function of (seed, row) only."""
+    with np.errstate(over="ignore"):
+        h = _splitmix(np.asarray(rows, np.uint64) ^ _splitmix(np.full(1, seed, np.uint64)))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _Engine:
+    """Batched per-identity ranking and greedy NMS for several thresholds at once."""
+
+    def __init__(self, order, centers, seed, device, budget=1 << 24):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order, self.seed, self.budget = order, seed, budget
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.centers = None if centers is None else torch.from_numpy(centers)
+
+    def batches(self, groups, gids, block_start, block):
+        """Identities of a block padded into batches of similar size: (gids, m, X, valid, rows)."""
+        sizes = groups.sizes[gids]
+        multi = gids[sizes > 1]
+        multi = multi[np.argsort(groups.sizes[multi], kind="stable")]
+        i = 0
+        while i < len(multi):
+            m = int(groups.sizes[multi[i]])
+            cap = int(np.ceil(m * 1.25 / 8) * 8)
+            j = i + 1
+            limit = max(1, self.budget // (cap * cap * 8))
+            while j < len(multi) and groups.sizes[multi[j]] <= cap and j - i < limit:
+                j += 1
+            batch = multi[i:j]
+            m = int(groups.sizes[batch].max())
+            X = np.zeros((len(batch), m, block.shape[1]), np.float32)
+            valid = np.zeros((len(batch), m), bool)
+            rows = np.full((len(batch), m), -1, np.int64)
+            for b, g in enumerate(batch):
+                s = groups.starts[g] - block_start
+                n = groups.sizes[g]
+                X[b, :n] = block[s:s + n]
+                valid[b, :n] = True
+                rows[b, :n] = groups.rows(groups.starts[g], groups.starts[g] + n)
+            yield batch, X, valid, rows
+            i = j
+
+    def rank(self, X, valid, rows, labels):
+        """Ranked features (B x m x d), validity and rows, and each face's cosine to its center."""
+        Xt = torch.from_numpy(X).to(self.device)
+        Xt = torch.nn.functional.normalize(Xt, dim=2)
+        vt = torch.from_numpy(valid).to(self.device)
+        if self.centers is None:
+            c = (Xt * vt[..., None]).sum(1)
+        else:
+            c = self.centers[torch.from_numpy(labels)].to(self.device)
+        c = torch.nn.functional.normalize(c, dim=1)
+        score = torch.bmm(Xt, c[:, :, None])[..., 0]
+        # scores on a 2^-20 grid: faces tied up to float rounding (both faces of a two-face
+        # identity are equally far from their mean) rank by row index on every device
+        if self.order == "hard-first":
+            key = torch.round(score.double() * TIE_SCALE)
+        elif self.order == "easy-first":
+            key = -torch.round(score.double() * TIE_SCALE)
+        else:
+            key = torch.from_numpy(random_keys(np.maximum(rows, 0), self.seed)).to(self.device)
+        key = key.masked_fill(~vt, float("inf"))
+        # rows within an identity are increasing, so a stable sort breaks ties by row index
+        perm = torch.sort(key, dim=1, stable=True).indices
+        Xs = torch.gather(Xt, 1, perm[..., None].expand_as(Xt))
+        vs = torch.gather(vt, 1, perm)
+        rs = torch.gather(torch.from_numpy(rows).to(self.device), 1, perm)
+        ss = torch.gather(score, 1, perm)
+        return Xs, vs, rs, ss
+
+    @staticmethod
+    def nms(Xs, vs, thresholds):
+        """Kept mask (k x B x m) of greedy NMS in rank order, one per threshold, and the cosines."""
+        S = torch.bmm(Xs, Xs.transpose(1, 2)).clamp_(-1.0, 1.0)
+        t = torch.as_tensor(thresholds, dtype=S.dtype, device=S.device).view(-1, 1, 1, 1)
+        over = S.unsqueeze(0) > t
+        k, B, m = over.shape[0], S.shape[0], S.shape[1]
+        suppressed = torch.zeros((k, B, m), dtype=torch.bool, device=S.device)
+        for j in range(m - 1):
+            alive = ~suppressed[:, :, j] & vs[:, j]
+            suppressed[:, :, j + 1:] |= alive[..., None] & over[:, :, j, j + 1:]
+        return ~suppressed & vs, S
+
+
+def _nearest_kept(S, keep):
+    """Max cosine of each kept face to another kept face of its identity (-inf when alone)."""
+    pair = keep[:, :, None] & keep[:, None, :]
+    eye = torch.eye(S.shape[1], dtype=torch.bool, device=S.device)
+    masked = S.masked_fill(~pair | eye, float("-inf"))
+    return masked.max(dim=2).values
+
+
+def _pass(groups, labels, engine, thresholds, want_keep, progress=None):
+    """One streamed pass: kept counts per threshold, and for a single threshold the kept rows."""
+    counts = np.zeros(len(thresholds), np.int64)
+    kept_rows, kept_nn = [], []
+    for gids, start, block in groups.blocks():
+        single = gids[groups.sizes[gids] == 1]
+        counts += len(single)
+        if want_keep and len(single):
+            kept_rows.append(groups.row_of(groups.starts[single]))
+            kept_nn.append(np.full(len(single), np.nan, np.float32))
+        for batch, X, valid, rows in engine.batches(groups, gids, start, block):
+            Xs, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
+            keep, S = engine.nms(Xs, vs, thresholds)
+            counts += keep.sum(dim=(1, 2)).cpu().numpy()
+            if want_keep:
+                nn = _nearest_kept(S, keep[0])
+                sel = keep[0]
+                kept_rows.append(rs[sel].cpu().numpy())
+                nn_sel = nn[sel].cpu().numpy().astype(np.float32)
+                nn_sel[~np.isfinite(nn_sel)] = np.nan
+                kept_nn.append(nn_sel)
+        if progress is not None:
+            progress.update(len(block))
+    if not want_keep:
+        return counts, None, None
+    rows = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
+    nn = np.concatenate(kept_nn) if kept_nn else np.zeros(0, np.float32)
+    order = np.argsort(rows)
+    return counts, rows[order], nn[order]
+
+
+def _search_threshold(groups, labels, engine, ratio, progress_factory, grid=16, max_passes=6):
+    """The global threshold whose kept fraction is closest to ``ratio`` (within 0.005 when achievable)."""
+    n = len(labels)
+    lo, hi = -1.0, 1.0
+    tried = {}
+    for _ in range(max_passes):
+        ts = np.unique(np.linspace(lo, hi, grid))
+        todo = [t for t in ts if t not in tried]
+        if todo:
+            with progress_factory("threshold search") as bar:
+                counts, _, _ = _pass(groups, labels, engine, np.array(todo), False, bar)
+            tried.update({float(t): c / n for t, c in zip(todo, counts)})
+        best = min(tried, key=lambda t: (abs(tried[t] - ratio), t))
+        if abs(tried[best] - ratio) <= RATIO_TOLERANCE:
+            break
+        ts = sorted(tried)
+        crossings = [(a, b) for a, b in zip(ts, ts[1:]) if tried[a] < ratio <= tried[b]]
+        if not crossings:
+            break  # the ratio is outside what any threshold reaches: keep the closest
+        lo, hi = min(crossings, key=lambda ab: abs(tried[ab[0]] - ratio) + abs(tried[ab[1]] - ratio))
+        if hi - lo < 1e-7:
+            break
+    return best, sorted(tried.items())
+
+
+class _NoBar:
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar_factory(total, progress):
+    if not progress:
+        return lambda desc: _NoBar()
+    from tqdm import tqdm
+    return lambda desc: tqdm(total=total, desc=desc, unit="face", unit_scale=True, smoothing=0.1)
+
+
+def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
+                    device=None, chunk_rows=1 << 17, workdir=None, progress=False):
+    """Face-NMS selection.
+
+    Args:
+        features: N x d array (a memory-mapped float16 array is streamed, never loaded whole).
+        labels: N identity labels.
+        threshold: the NMS threshold on cosine similarity; a face is suppressed when its
+            cosine with an already kept face of its identity exceeds it.
+        ratio: instead of ``threshold``: the kept fraction wanted; the single global threshold
+            reaching it (within 0.005, or the closest achievable) is searched and reported.
+        order: "hard-first" (ascending cosine to the identity center: far faces carry the class
+            boundary), "easy-first" (descending) or "random"; ties by row index.
+        centers: optional num_classes x d identity centers (e.g. the proxy model's PartialFC
+            weights) instead of the normalised mean feature.
+        seed: seed of the "random" order.
+        device: torch device of the matrix products (default: cuda when available).
+
+    Returns:
+        Selection with ``.keep`` (sorted kept rows) and ``.threshold``.
+    """
+    if (threshold is None) == (ratio is None):
+        raise ValueError("give exactly one of threshold= or ratio=")
+    if ratio is not None:
+        check_ratio(ratio)
+    elif not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite cosine, got {threshold!r}")
+    labels, centers = _check_inputs(features, labels, centers)
+    engine = _Engine(order, centers, seed, device)
+    groups = _Groups(features, labels, chunk_rows, workdir)
+    bars = _bar_factory(len(labels), progress)
+    try:
+        search = []
+        if ratio is not None:
+            threshold, search = _search_threshold(groups, labels, engine, ratio, bars)
+        with bars("select") as bar:
+            _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
+    finally:
+        groups.close()
+    return Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
+                     order=order, total=len(labels), nn_cos=nn, search=search)
+
+
+def global_only(features, labels, *, ratio, order="hard-first", centers=None, seed=0, device=None,
+                chunk_rows=1 << 17, workdir=None):
+    """Ablation: rank each identity (global sparsity), keep its top share, no NMS."""
+    check_ratio(ratio)
+    labels, centers = _check_inputs(features, labels, centers)
+    engine = _Engine(order, centers, seed, device)
+    groups = _Groups(features, labels, chunk_rows, workdir)
+    rank_key = np.zeros(len(labels))
+    try:
+        for gids, start, block in groups.blocks():
+            for batch, X, valid, rows in engine.batches(groups, gids, start, block):
+                _, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
+                pos = torch.arange(vs.shape[1], device=vs.device).expand_as(vs)
+                rank_key[rs[vs].cpu().numpy()] = pos[vs].cpu().numpy()
+    finally:
+        groups.close()
+    quota = per_identity_quota(np.bincount(labels), ratio)
+    keep = np.flatnonzero(rank_within_identity(labels, rank_key) < quota[labels])
+    return Selection(keep=keep, method="global", order=order, total=len(labels))
+
+
+def random_baseline(labels, *, ratio, seed=0):
+    """Ablation: a random per-identity sample of the same ratio."""
+    labels = np.asarray(labels, np.int64)
+    return Selection(keep=random_subset(labels, ratio, seed), method="random", order="random", total=len(labels))
+
+
+def run_method(method, features, labels, *, ratio=None, threshold=None, order="hard-first", **kw):
+    """One of METHODS: "nms" (Face-NMS), "random", "global" (global-only), "local" (NMS in random order)."""
+    if method == "nms":
+        return select_core_set(features, labels, ratio=ratio, threshold=threshold, order=order, **kw)
+    if method == "local":
+        return select_core_set(features, labels, ratio=ratio, threshold=threshold, order="random", **kw)
+    if ratio is None:
+        raise ValueError(f"method {method!r} needs ratio=")
+    if method == "global":
+        return global_only(features, labels, ratio=ratio, order=order, **kw)
+    if method == "random":
+        return random_baseline(labels, ratio=ratio, seed=kw.get("seed", 0))
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -1,0 +1,195 @@
+import numpy as np
+import pytest
+
+from plugins.face_nms.proxy_subset import per_identity_quota, random_subset
+from plugins.face_nms.select import global_only, random_baseline, select_core_set
+
+
+def clustered_features(n_ids=60, d=32, seed=0, max_size=40, dup_bursts=True):
+    """Identities of varied size; some faces are near-duplicates of another face of the identity."""
+    rng = np.random.default_rng(seed)
+    sizes = np.minimum(rng.zipf(1.6, n_ids), max_size)
+    sizes[:3] = [1, 2, max_size]
+    labels = np.repeat(np.arange(n_ids), sizes)
+    centers = rng.standard_normal((n_ids, d))
+    feats = centers[labels] + 0.9 * rng.standard_normal((len(labels), d))
+    if dup_bursts:
+        src = rng.random(len(labels)) < 0.3
+        for i in np.flatnonzero(src)[1:]:
+            if labels[i - 1] == labels[i]:
+                feats[i] = feats[i - 1] + 0.05 * rng.standard_normal(d)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats.astype(np.float16), labels
+
+
+def shuffle(feats, labels, seed=1):
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    return feats[perm], labels[perm], perm
+
+
+def brute_force(feats, labels, threshold, order="hard-first", centers=None):
+    """Plain per-identity greedy NMS in float64, for comparison."""
+    X = feats.astype(np.float64)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    keep = []
+    for lab in np.unique(labels):
+        rows = np.flatnonzero(labels == lab)
+        c = X[rows].mean(0) if centers is None else centers[lab].astype(np.float64)
+        c /= np.linalg.norm(c)
+        score = np.round(X[rows] @ c * 2.0 ** 20)  # the selection's tie grid
+        sign = 1 if order == "hard-first" else -1
+        ranked = sorted(range(len(rows)), key=lambda i: (sign * score[i], rows[i]))
+        kept = []
+        for i in ranked:
+            if all(X[rows[i]] @ X[rows[j]] <= threshold for j in kept):
+                kept.append(i)
+        keep.extend(rows[i] for i in kept)
+    return np.array(sorted(keep))
+
+
+def safe_threshold(feats, labels, near, margin=1e-5):
+    """A threshold close to `near` with no same-identity cosine within `margin` of it."""
+    X = feats.astype(np.float64)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    cos = np.concatenate([(X[labels == k] @ X[labels == k].T).ravel() for k in np.unique(labels)])
+    for t in near + np.linspace(0, 0.05, 501):
+        if np.min(np.abs(cos - t)) > margin:
+            return float(t)
+    raise AssertionError("no safe threshold")
+
+
+def check_invariants(feats, labels, sel, order="hard-first"):
+    X = feats.astype(np.float64)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    keep = set(sel.keep.tolist())
+    t = sel.threshold
+    for lab in np.unique(labels):
+        rows = np.flatnonzero(labels == lab)
+        kept = [r for r in rows if r in keep]
+        if len(rows) == 1:
+            assert kept == [rows[0]]
+        assert kept, "an identity always keeps a face"
+        K = X[kept]
+        cos = K @ K.T - 2 * np.eye(len(kept))
+        assert cos.max() <= t + 1e-4
+        c = X[rows].mean(0)
+        c /= np.linalg.norm(c)
+        score = {r: X[r] @ c for r in rows}
+        for r in rows:
+            if r in keep:
+                continue
+            # ranked before r, up to float rounding of the scores
+            before = [k for k in kept if score[k] < score[r] + 1e-5] if order == "hard-first" else kept
+            assert max(X[r] @ X[k] for k in before) > t - 1e-4, f"row {r} dropped without a suppressor"
+
+
+@pytest.mark.parametrize("order", ["hard-first", "easy-first"])
+@pytest.mark.parametrize("near", [0.2, 0.6, 0.9])
+def test_equals_brute_force_on_random_data(order, near):
+    feats, labels = clustered_features(seed=3)
+    t = safe_threshold(feats, labels, near)
+    got = select_core_set(feats, labels, threshold=t, order=order, chunk_rows=100)
+    want = brute_force(feats, labels, t, order)
+    assert np.array_equal(got.keep, want)
+    assert 0 < got.kept < len(labels)
+
+
+def test_centers_argument_changes_ranking_like_brute_force():
+    feats, labels = clustered_features(seed=5)
+    centers = np.random.default_rng(9).standard_normal((labels.max() + 1, feats.shape[1])).astype(np.float32)
+    t = safe_threshold(feats, labels, 0.5)
+    got = select_core_set(feats, labels, threshold=t, centers=centers)
+    assert np.array_equal(got.keep, brute_force(feats, labels, t, centers=centers))
+    assert not np.array_equal(got.keep, select_core_set(feats, labels, threshold=t).keep)
+
+
+def test_invariants_and_determinism_on_shuffled_memmap(tmp_path):
+    feats, labels = clustered_features(n_ids=120, seed=7)
+    sf, sl, perm = shuffle(feats, labels)
+    mm = np.lib.format.open_memmap(tmp_path / "features.npy", mode="w+", dtype=np.float16, shape=sf.shape)
+    mm[:] = sf
+    mm.flush()
+    mm = np.load(tmp_path / "features.npy", mmap_mode="r")
+    t = safe_threshold(feats, labels, 0.7)
+    a = select_core_set(mm, sl, threshold=t, chunk_rows=64, workdir=str(tmp_path))
+    b = select_core_set(mm, sl, threshold=t, chunk_rows=1000, workdir=str(tmp_path))
+    assert np.array_equal(a.keep, b.keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"], "temporary grouped copy left behind"
+    check_invariants(sf, sl, a)
+    assert np.array_equal(a.keep, brute_force(sf, sl, t))
+    assert np.array_equal(a.keep, select_core_set(sf, sl, threshold=t).keep)  # in memory, no regrouping
+    # nearest kept-neighbour cosine never exceeds the threshold
+    finite = a.nn_cos[np.isfinite(a.nn_cos)]
+    assert len(finite) and finite.max() <= t + 1e-4
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.85])
+def test_ratio_is_reached_and_threshold_reproduces_it(ratio):
+    feats, labels = clustered_features(n_ids=400, seed=11)
+    sel = select_core_set(feats, labels, ratio=ratio)
+    assert abs(sel.fraction - ratio) <= 0.005
+    again = select_core_set(feats, labels, threshold=sel.threshold)
+    assert np.array_equal(again.keep, sel.keep)
+    check_invariants(feats, labels, sel)
+
+
+def test_unreachable_ratio_gives_closest_achievable():
+    feats, labels = clustered_features(n_ids=50, seed=2)
+    floor = len(np.unique(labels)) / len(labels)  # one face per identity is the least NMS keeps
+    sel = select_core_set(feats, labels, ratio=floor / 2)
+    assert sel.fraction == pytest.approx(floor, abs=0.005)
+
+
+def test_random_order_local_only_and_baselines():
+    feats, labels = clustered_features(n_ids=200, seed=4)
+    local = select_core_set(feats, labels, ratio=0.6, order="random", seed=1)
+    assert abs(local.fraction - 0.6) <= 0.005
+    assert np.array_equal(local.keep, select_core_set(feats, labels, ratio=0.6, order="random", seed=1).keep)
+    rnd = random_baseline(labels, ratio=0.6, seed=0)
+    glb = global_only(feats, labels, ratio=0.6)
+    quota = per_identity_quota(np.bincount(labels), 0.6)
+    for sel in (rnd, glb):
+        assert np.array_equal(np.bincount(labels[sel.keep], minlength=len(quota)), quota)
+    # global-only keeps the hardest faces: lowest cosine to the center within each identity
+    X = feats.astype(np.float64)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    for lab in np.unique(labels)[:30]:
+        rows = np.flatnonzero(labels == lab)
+        c = X[rows].mean(0)
+        score = np.round(X[rows] @ (c / np.linalg.norm(c)) * 2.0 ** 20)
+        hardest = rows[np.lexsort((rows, score))][:quota[lab]]
+        assert set(hardest) == set(glb.keep[labels[glb.keep] == lab])
+
+
+def test_quota_and_random_subset():
+    sizes = np.array([1, 2, 3, 10, 50, 0])
+    q = per_identity_quota(sizes, 0.5)
+    assert q.tolist()[0] == 1 and q[-1] == 0 and np.all(q <= sizes)
+    assert q.sum() == round(0.5 * sizes.sum())
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    a, b = random_subset(labels, 0.5, seed=3), random_subset(labels, 0.5, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, random_subset(labels, 0.5, seed=4))
+    assert np.array_equal(np.bincount(labels[a], minlength=len(sizes)), q)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(ratio=0.0), "ratio"), (dict(ratio=1.5), "ratio"), (dict(), "exactly one"),
+    (dict(threshold=0.5, ratio=0.5), "exactly one"), (dict(threshold=float("nan")), "finite"),
+    (dict(threshold=0.5, order="sideways"), "order"),
+])
+def test_bad_arguments(bad, match):
+    feats, labels = clustered_features(n_ids=5)
+    with pytest.raises(ValueError, match=match):
+        select_core_set(feats, labels, **bad)
+
+
+def test_bad_inputs():
+    feats, labels = clustered_features(n_ids=5)
+    with pytest.raises(ValueError, match="one entry per feature"):
+        select_core_set(feats, labels[:-1], threshold=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        select_core_set(feats[:0], labels[:0], threshold=0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        select_core_set(feats, labels - 1, threshold=0.5)
+    with pytest.raises(ValueError, match="centers"):
+        select_core_set(feats, labels, threshold=0.5, centers=np.zeros((1, 3)))
