@@ -1,0 +1,7 @@
+"""Face-NMS (Chen et al., 2021): core-set selection for RecordIO face datasets.
+
+Pipeline: recordio_index -> proxy_subset -> extract -> select -> filter (train).
+"""
+from .select import Selection, select_core_set
+
+__all__ = ["Selection", "select_core_set"]

@@ -126,12 +126,15 @@ def detect_layout(rec_dir):
         raise RecordIOError(f"{idx} lists no records: the dataset is empty")
     zero = np.flatnonzero(keys == 0)
     if len(zero):
-        flag, _ = peek_headers(rec, offsets[zero[:1]])
-        if flag[0] > 0:
-            with open(rec, "rb") as f:
-                f.seek(int(offsets[zero[0]]) + 32)
-                a = float(np.frombuffer(f.read(4), "<f4")[0])
-            return "insightface", int(a)
+        with open(rec, "rb") as f:
+            f.seek(int(offsets[zero[0]]))
+            head = f.read(_PEEK + 4)
+        if len(head) >= _PEEK + 4:
+            magic, lrec, flag = np.frombuffer(head[:12], "<u4")
+            a, b = np.frombuffer(head[32:40], "<f4")
+            # a header carries its label array and no image bytes
+            if magic == MAGIC and flag >= 2 and (lrec & ((1 << 29) - 1)) == 24 + 4 * flag and 1 <= a <= b:
+                return "insightface", int(a)
     return "im2rec", None
 
 

@@ -135,6 +135,10 @@ class _Groups:
                 block = np.asarray(self.grouped[s:e], dtype=np.float32)
             else:
                 block = np.asarray(self.features[self.order[s:e]], dtype=np.float32)
+            if not np.isfinite(block).all():
+                bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ValueError(f"features contain non-finite values (row {int(self.row_of([s + bad])[0])}); "
+                                 f"extract them again")
             yield np.arange(g, h), s, block
             g = h
 

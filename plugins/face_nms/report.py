@@ -1,0 +1,85 @@
+"""Summary of a selection: JSON beside the filtered index, and two PNG plots."""
+import json
+import os
+
+import numpy as np
+
+
+def summary(sel, labels):
+    labels = np.asarray(labels, np.int64)
+    sizes = np.bincount(labels)
+    kept = np.bincount(labels[sel.keep], minlength=len(sizes))
+    present = sizes > 0
+    hist_values, hist_counts = np.unique(kept[present], return_counts=True)
+    nn = sel.nn_cos[np.isfinite(sel.nn_cos)] if sel.nn_cos is not None else np.zeros(0)
+    return {
+        "method": sel.method, "order": sel.order, "threshold": sel.threshold,
+        "kept": int(sel.kept), "total": int(sel.total), "kept_fraction": sel.fraction,
+        "identities": int(present.sum()),
+        "kept_per_identity_histogram": {int(v): int(c) for v, c in zip(hist_values, hist_counts)},
+        "nearest_kept_cosine_quantiles": {q: float(np.quantile(nn, float(q))) for q in ("0.5", "0.9", "0.99")}
+        if len(nn) else {},
+        "threshold_search": [[float(t), float(f)] for t, f in sel.search],
+    }
+
+
+def _retention_by_size(labels, keep):
+    sizes = np.bincount(labels)
+    kept = np.bincount(labels[keep], minlength=len(sizes))
+    present = sizes > 0
+    s, k = sizes[present], kept[present]
+    edges = np.unique(np.round(np.logspace(0, np.log10(s.max() + 1), 20)).astype(int))
+    which = np.digitize(s, edges)
+    xs, ys = [], []
+    for b in np.unique(which):
+        m = which == b
+        xs.append(s[m].mean())
+        ys.append(k[m].sum() / s[m].sum())
+    return xs, ys
+
+
+def write_report(idx_path, sel, labels):
+    """Writes ``<idx>.json`` and ``<idx>_retention.png`` / ``<idx>_nn_cosine.png`` beside the index."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.asarray(labels, np.int64)
+    stem = os.path.splitext(idx_path)[0]
+    info = summary(sel, labels)
+    tmp = f"{stem}.json.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, f"{stem}.json")
+
+    xs, ys = _retention_by_size(labels, sel.keep)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.semilogx(xs, ys, "o-")
+    ax.axhline(sel.fraction, color="gray", ls="--", label=f"overall {sel.fraction:.1%}")
+    ax.set_xlabel("faces of the identity")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("retention by identity size")
+    fig.tight_layout()
+    _save(fig, f"{stem}_retention.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    nn = sel.nn_cos[np.isfinite(sel.nn_cos)] if sel.nn_cos is not None else np.zeros(0)
+    if len(nn):
+        ax.hist(nn, bins=60, color="C0")
+    if sel.threshold is not None:
+        ax.axvline(sel.threshold, color="C3", ls="--", label=f"threshold {sel.threshold:.3f}")
+        ax.legend()
+    ax.set_xlabel("cosine to the nearest kept face of the same identity")
+    ax.set_ylabel("kept faces")
+    fig.tight_layout()
+    _save(fig, f"{stem}_nn_cosine.png")
+    plt.close("all")
+    return info
+
+
+def _save(fig, path):
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
