@@ -111,8 +111,8 @@ def test_invariants_and_determinism_on_shuffled_memmap(tmp_path):
     mm.flush()
     mm = np.load(tmp_path / "features.npy", mmap_mode="r")
     t = safe_threshold(feats, labels, 0.7)
-    a = select_core_set(mm, sl, threshold=t, chunk_rows=64, workdir=str(tmp_path))
-    b = select_core_set(mm, sl, threshold=t, chunk_rows=1000, workdir=str(tmp_path))
+    a = select_core_set(mm, sl, threshold=t, chunk_rows=64, workdir=str(tmp_path), regroup=True)
+    b = select_core_set(mm, sl, threshold=t, chunk_rows=1000, workdir=str(tmp_path), regroup=False)
     assert np.array_equal(a.keep, b.keep)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"], "temporary grouped copy left behind"
     check_invariants(sf, sl, a)

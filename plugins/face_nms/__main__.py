@@ -146,7 +146,7 @@ def main(argv=None):
     s.add_argument("--centers", help=".npy of num_classes x d identity centers (e.g. PartialFC weights)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None, help="torch device of the matrix products (default cuda if present)")
-    s.add_argument("--chunk-rows", type=int, default=1 << 17, help="rows read per block")
+    s.add_argument("--chunk-rows", type=int, default=1 << 16, help="rows read per block")
     s.add_argument("--out", required=True, help="filtered .idx to write (e.g. <rec>/../train_facenms60.idx)")
     s.set_defaults(func=cmd_select)
 

@@ -11,6 +11,7 @@ similar size with batched matrix products, on the GPU when one is given. Memory 
 one block (``chunk_rows`` rows, or the largest identity) plus a few bytes of bookkeeping per
 face (label, grouping order, keep flag), never by N x d.
 """
+import mmap
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class Selection:
     total: int = 0
     nn_cos: np.ndarray = None  # per kept row (same order as keep): max cosine to another kept face
     search: list = field(default_factory=list)  # (threshold, kept fraction) evaluated by a ratio search
+    passes: int = 1  # streamed passes over the features
 
     @property
     def kept(self):
@@ -71,7 +73,7 @@ def _check_inputs(features, labels, centers):
 class _Groups:
     """Identity groups of a feature array, read in blocks of whole identities."""
 
-    def __init__(self, features, labels, chunk_rows, workdir=None):
+    def __init__(self, features, labels, chunk_rows, workdir=None, regroup=None):
         self.features, self.labels, self.chunk_rows = features, labels, chunk_rows
         n = len(labels)
         change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
@@ -86,7 +88,10 @@ class _Groups:
             sorted_labels = labels[self.order]
             starts = np.concatenate([[0], np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1])
             run_labels = sorted_labels[starts]
-            if isinstance(features, np.memmap):
+            if regroup is None:
+                regroup = isinstance(features, np.memmap) and features.nbytes > _available_memory() // 2
+            if regroup:
+                # out of core: random reads by identity would thrash, write a grouped copy once
                 self.grouped = self._regroup(workdir)
         self.starts = starts
         self.sizes = np.diff(np.append(starts, n))
@@ -104,7 +109,8 @@ class _Groups:
             e = min(s + self.chunk_rows, len(src))
             block = np.asarray(src[s:e])
             dst[pos[s:e]] = block
-        dst.flush()
+            _release(src)
+            _release(dst)
         del pos
         return dst
 
@@ -135,12 +141,30 @@ class _Groups:
                 block = np.asarray(self.grouped[s:e], dtype=np.float32)
             else:
                 block = np.asarray(self.features[self.order[s:e]], dtype=np.float32)
+            _release(self.grouped)
             if not np.isfinite(block).all():
                 bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ValueError(f"features contain non-finite values (row {int(self.row_of([s + bad])[0])}); "
                                  f"extract them again")
             yield np.arange(g, h), s, block
             g = h
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62
+
+
+def _release(array):
+    """Drops a memory-mapped array's pages from this process (they stay in the page cache), so that
+    resident memory stays bounded by a block however much of the file has been streamed."""
+    mm = getattr(array, "_mmap", None)
+    if isinstance(array, np.memmap) and mm is not None and hasattr(mm, "madvise"):
+        # shared file pages keep their (dirty) contents in the page cache: no msync needed
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _splitmix(x):
@@ -160,14 +184,14 @@ def random_keys(rows, seed):
 class _Engine:
     """Batched per-identity ranking and greedy NMS for several thresholds at once."""
 
-    def __init__(self, order, centers, seed, device, budget=1 << 24):
+    def __init__(self, order, centers, seed, device, budget=1 << 24, max_rows=1 << 14):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-        self.order, self.seed, self.budget = order, seed, budget
+        self.order, self.seed, self.budget, self.max_rows = order, seed, budget, max_rows
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.centers = None if centers is None else torch.from_numpy(centers)
 
-    def batches(self, groups, gids, block_start, block):
+    def batches(self, groups, gids, block_start, block, k=1):
         """Identities of a block padded into batches of similar size: (gids, m, X, valid, rows)."""
         sizes = groups.sizes[gids]
         multi = gids[sizes > 1]
@@ -177,7 +201,8 @@ class _Engine:
             m = int(groups.sizes[multi[i]])
             cap = int(np.ceil(m * 1.25 / 8) * 8)
             j = i + 1
-            limit = max(1, self.budget // (cap * cap * 8))
+            # bounded: k x B x m x m comparison flags and B x m x d features per batch
+            limit = max(1, min(self.budget // (k * cap * cap), self.max_rows // cap))
             while j < len(multi) and groups.sizes[multi[j]] <= cap and j - i < limit:
                 j += 1
             batch = multi[i:j]
@@ -254,7 +279,7 @@ def _pass(groups, labels, engine, thresholds, want_keep, progress=None):
         if want_keep and len(single):
             kept_rows.append(groups.row_of(groups.starts[single]))
             kept_nn.append(np.full(len(single), np.nan, np.float32))
-        for batch, X, valid, rows in engine.batches(groups, gids, start, block):
+        for batch, X, valid, rows in engine.batches(groups, gids, start, block, len(thresholds)):
             Xs, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
             keep, S = engine.nms(Xs, vs, thresholds)
             counts += keep.sum(dim=(1, 2)).cpu().numpy()
@@ -280,12 +305,14 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, grid=16, 
     n = len(labels)
     lo, hi = -1.0, 1.0
     tried = {}
+    passes = 0
     for _ in range(max_passes):
         ts = np.unique(np.linspace(lo, hi, grid))
         todo = [t for t in ts if t not in tried]
         if todo:
             with progress_factory("threshold search") as bar:
                 counts, _, _ = _pass(groups, labels, engine, np.array(todo), False, bar)
+            passes += 1
             tried.update({float(t): c / n for t, c in zip(todo, counts)})
         best = min(tried, key=lambda t: (abs(tried[t] - ratio), t))
         if abs(tried[best] - ratio) <= RATIO_TOLERANCE:
@@ -297,7 +324,7 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, grid=16, 
         lo, hi = min(crossings, key=lambda ab: abs(tried[ab[0]] - ratio) + abs(tried[ab[1]] - ratio))
         if hi - lo < 1e-7:
             break
-    return best, sorted(tried.items())
+    return best, sorted(tried.items()), passes
 
 
 class _NoBar:
@@ -319,7 +346,7 @@ def _bar_factory(total, progress):
 
 
 def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
-                    device=None, chunk_rows=1 << 17, workdir=None, progress=False):
+                    device=None, chunk_rows=1 << 16, workdir=None, regroup=None, progress=False):
     """Face-NMS selection.
 
     Args:
@@ -335,6 +362,9 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
             weights) instead of the normalised mean feature.
         seed: seed of the "random" order.
         device: torch device of the matrix products (default: cuda when available).
+        regroup: write a grouped copy of a memory-mapped feature file whose identities are
+            scattered (default: when the file exceeds half the available memory, where random
+            reads by identity would go to disk).
 
     Returns:
         Selection with ``.keep`` (sorted kept rows) and ``.threshold``.
@@ -347,22 +377,22 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         raise ValueError(f"threshold must be a finite cosine, got {threshold!r}")
     labels, centers = _check_inputs(features, labels, centers)
     engine = _Engine(order, centers, seed, device)
-    groups = _Groups(features, labels, chunk_rows, workdir)
+    groups = _Groups(features, labels, chunk_rows, workdir, regroup)
     bars = _bar_factory(len(labels), progress)
     try:
-        search = []
+        search, passes = [], 0
         if ratio is not None:
-            threshold, search = _search_threshold(groups, labels, engine, ratio, bars)
+            threshold, search, passes = _search_threshold(groups, labels, engine, ratio, bars)
         with bars("select") as bar:
             _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
     finally:
         groups.close()
     return Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
-                     order=order, total=len(labels), nn_cos=nn, search=search)
+                     order=order, total=len(labels), nn_cos=nn, search=search, passes=passes + 1)
 
 
 def global_only(features, labels, *, ratio, order="hard-first", centers=None, seed=0, device=None,
-                chunk_rows=1 << 17, workdir=None):
+                chunk_rows=1 << 16, workdir=None):
     """Ablation: rank each identity (global sparsity), keep its top share, no NMS."""
     check_ratio(ratio)
     labels, centers = _check_inputs(features, labels, centers)
