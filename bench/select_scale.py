@@ -110,7 +110,7 @@ def main():
     p.add_argument("--sizes", default="500000,1000000,2000000", help="comma-separated face counts")
     p.add_argument("--mode", default="threshold", choices=["threshold", "ratio"],
                    help="a given threshold (one pass) or ratio=0.6 (threshold search, several passes)")
-    p.add_argument("--threshold", type=float, default=0.45)
+    p.add_argument("--threshold", type=float, default=0.52, help="0.52 keeps about 60%% of these features")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--work-dir", default=None, help="where the feature files go (needs 1 GiB per 1M faces)")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)

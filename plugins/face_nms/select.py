@@ -82,6 +82,7 @@ class _Groups:
         self.order = None
         self.grouped = features
         self._tmp = None
+        self._fd = None
         if len(np.unique(run_labels)) != len(run_labels):
             # identities scattered through the rows: group them once
             self.order = np.argsort(labels, kind="stable")
@@ -114,7 +115,30 @@ class _Groups:
         del pos
         return dst
 
+    def _gather(self, rows):
+        """Rows of the features as float32; from a memory-mapped file by positioned reads, since
+        touching scattered rows through the mapping would map (and count) most of the file."""
+        src = self.features
+        if not isinstance(src, np.memmap) or getattr(src, "filename", None) is None:
+            return np.asarray(src[rows], dtype=np.float32)
+        if self._fd is None:
+            self._fd = os.open(src.filename, os.O_RDONLY)
+        order = np.argsort(rows, kind="stable")
+        r = rows[order]
+        row_bytes = src.shape[1] * src.dtype.itemsize
+        buf = np.empty((len(r), src.shape[1]), src.dtype)
+        view = memoryview(buf).cast("B")
+        cut = np.flatnonzero(np.diff(r) != 1) + 1
+        for a, b in zip(np.concatenate([[0], cut]).tolist(), np.append(cut, len(r)).tolist()):
+            os.preadv(self._fd, [view[a * row_bytes:b * row_bytes]], src.offset + int(r[a]) * row_bytes)
+        out = np.empty((len(r), src.shape[1]), np.float32)
+        out[order] = buf
+        return out
+
     def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tmp is not None:
             del self.grouped
             os.remove(self._tmp)
@@ -139,9 +163,9 @@ class _Groups:
             e = self.starts[h - 1] + self.sizes[h - 1]
             if self.order is None or self.grouped is not self.features:
                 block = np.asarray(self.grouped[s:e], dtype=np.float32)
+                _release(self.grouped)
             else:
-                block = np.asarray(self.features[self.order[s:e]], dtype=np.float32)
-            _release(self.grouped)
+                block = self._gather(self.order[s:e])
             if not np.isfinite(block).all():
                 bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ValueError(f"features contain non-finite values (row {int(self.row_of([s + bad])[0])}); "
