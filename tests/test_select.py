@@ -133,6 +133,15 @@ def test_ratio_is_reached_and_threshold_reproduces_it(ratio):
     check_invariants(feats, labels, sel)
 
 
+def test_ratio_search_through_an_identity_sample():
+    feats, labels = clustered_features(n_ids=400, seed=12)
+    sel = select_core_set(feats, labels, ratio=0.6, search_sample=30)
+    assert abs(sel.fraction - 0.6) <= 0.005
+    assert np.array_equal(select_core_set(feats, labels, threshold=sel.threshold).keep, sel.keep)
+    full = select_core_set(feats, labels, ratio=0.6, search_sample=10 ** 9)
+    assert abs(full.fraction - 0.6) <= 0.005
+
+
 def test_unreachable_ratio_gives_closest_achievable():
     feats, labels = clustered_features(n_ids=50, seed=2)
     floor = len(np.unique(labels)) / len(labels)  # one face per identity is the least NMS keeps
@@ -193,3 +202,18 @@ def test_bad_inputs():
         select_core_set(feats, labels - 1, threshold=0.5)
     with pytest.raises(ValueError, match="centers"):
         select_core_set(feats, labels, threshold=0.5, centers=np.zeros((1, 3)))
+
+
+def test_both_nms_evaluations_agree():
+    import torch
+    from plugins.face_nms.select import _Engine
+    rng = np.random.default_rng(0)
+    for m in (2, 7, 40):
+        X = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((30, m, 8)).astype(np.float32)), dim=2)
+        valid = torch.from_numpy(rng.random((30, m)) < 0.8)
+        X = X * valid[..., None]
+        ts = np.array([-0.2, 0.1, 0.3, 0.6])
+        a, _ = _Engine.nms(X, valid, ts, fixed_point=True)
+        b, _ = _Engine.nms(X, valid, ts, fixed_point=False)
+        assert torch.equal(a, b)
+        assert not torch.equal(a[0], a[-1])

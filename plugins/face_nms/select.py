@@ -152,26 +152,40 @@ class _Groups:
         """Original row indices of grouped positions."""
         return np.asarray(positions, np.int64) if self.order is None else self.order[positions]
 
-    def blocks(self):
-        """(group indices, block start, features of the block as float32) in grouped order."""
-        g, n_groups = 0, len(self.starts)
-        while g < n_groups:
-            s = self.starts[g]
-            h = g + 1
-            while h < n_groups and self.starts[h] + self.sizes[h] - s <= self.chunk_rows:
-                h += 1
-            e = self.starts[h - 1] + self.sizes[h - 1]
+    def blocks(self, subset=None):
+        """(group indices, their row offsets in the block, block features as float32), in grouped order.
+
+        ``subset``: sorted group indices to read instead of all groups.
+        """
+        gids_all = np.arange(len(self.starts)) if subset is None else np.asarray(subset)
+        i = 0
+        while i < len(gids_all):
+            j, total = i + 1, self.sizes[gids_all[i]]
+            while j < len(gids_all) and total + self.sizes[gids_all[j]] <= self.chunk_rows:
+                total += self.sizes[gids_all[j]]
+                j += 1
+            gids = gids_all[i:j]
+            contiguous = gids[-1] - gids[0] == len(gids) - 1
+            s, e = self.starts[gids[0]], self.starts[gids[-1]] + self.sizes[gids[-1]]
+            if contiguous:
+                positions = None
+                offsets = self.starts[gids] - s
+            else:
+                positions = np.concatenate([np.arange(self.starts[g], self.starts[g] + self.sizes[g]) for g in gids])
+                offsets = np.concatenate([[0], np.cumsum(self.sizes[gids])[:-1]])
             if self.order is None or self.grouped is not self.features:
-                block = np.asarray(self.grouped[s:e], dtype=np.float32)
+                block = self.grouped[s:e] if positions is None else self.grouped[positions]
+                block = np.asarray(block, dtype=np.float32)
                 _release(self.grouped)
             else:
-                block = self._gather(self.order[s:e])
+                block = self._gather(self.order[s:e] if positions is None else self.order[positions])
             if not np.isfinite(block).all():
                 bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                raise ValueError(f"features contain non-finite values (row {int(self.row_of([s + bad])[0])}); "
+                pos = s + bad if positions is None else positions[bad]
+                raise ValueError(f"features contain non-finite values (row {int(self.row_of([pos])[0])}); "
                                  f"extract them again")
-            yield np.arange(g, h), s, block
-            g = h
+            yield gids, offsets, block
+            i = j
 
 
 def _available_memory():
@@ -215,9 +229,10 @@ class _Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.centers = None if centers is None else torch.from_numpy(centers)
 
-    def batches(self, groups, gids, block_start, block, k=1):
+    def batches(self, groups, gids, offsets, block, k=1):
         """Identities of a block padded into batches of similar size: (gids, m, X, valid, rows)."""
         sizes = groups.sizes[gids]
+        offset_of = dict(zip(gids.tolist(), np.asarray(offsets).tolist()))
         multi = gids[sizes > 1]
         multi = multi[np.argsort(groups.sizes[multi], kind="stable")]
         i = 0
@@ -235,7 +250,7 @@ class _Engine:
             valid = np.zeros((len(batch), m), bool)
             rows = np.full((len(batch), m), -1, np.int64)
             for b, g in enumerate(batch):
-                s = groups.starts[g] - block_start
+                s = offset_of[int(g)]
                 n = groups.sizes[g]
                 X[b, :n] = block[s:s + n]
                 valid[b, :n] = True
@@ -272,13 +287,29 @@ class _Engine:
         return Xs, vs, rs, ss
 
     @staticmethod
-    def nms(Xs, vs, thresholds):
-        """Kept mask (k x B x m) of greedy NMS in rank order, one per threshold, and the cosines."""
+    def nms(Xs, vs, thresholds, fixed_point=None):
+        """Kept mask (k x B x m) of greedy NMS in rank order, one per threshold, and the cosines.
+
+        Greedy NMS keeps face i iff no kept face ranked before it has cosine above the threshold.
+        Two exact evaluations: a step per rank position, or, since the rule depends only on
+        earlier faces and so has exactly one fixed point, iterating it from "all kept" (at most m
+        rounds, in practice a few, each one batched operation over all pairs). The second is
+        faster for one threshold, the first for a grid of them.
+        """
         S = torch.bmm(Xs, Xs.transpose(1, 2)).clamp_(-1.0, 1.0)
         t = torch.as_tensor(thresholds, dtype=S.dtype, device=S.device).view(-1, 1, 1, 1)
+        k, m = len(thresholds), S.shape[1]
         over = S.unsqueeze(0) > t
-        k, B, m = over.shape[0], S.shape[0], S.shape[1]
-        suppressed = torch.zeros((k, B, m), dtype=torch.bool, device=S.device)
+        if fixed_point if fixed_point is not None else k <= 2:
+            over &= torch.ones((m, m), dtype=torch.bool, device=S.device).triu_(1)  # [j, i]: j before i
+            keep = vs.expand(k, -1, -1).clone()
+            for _ in range(m):
+                new = vs & ~(over & keep.unsqueeze(-1)).any(dim=-2)
+                if torch.equal(new, keep):
+                    break
+                keep = new
+            return keep, S
+        suppressed = torch.zeros((k,) + vs.shape, dtype=torch.bool, device=S.device)
         for j in range(m - 1):
             alive = ~suppressed[:, :, j] & vs[:, j]
             suppressed[:, :, j + 1:] |= alive[..., None] & over[:, :, j, j + 1:]
@@ -293,17 +324,17 @@ def _nearest_kept(S, keep):
     return masked.max(dim=2).values
 
 
-def _pass(groups, labels, engine, thresholds, want_keep, progress=None):
+def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=None):
     """One streamed pass: kept counts per threshold, and for a single threshold the kept rows."""
     counts = np.zeros(len(thresholds), np.int64)
     kept_rows, kept_nn = [], []
-    for gids, start, block in groups.blocks():
+    for gids, offsets, block in groups.blocks(subset):
         single = gids[groups.sizes[gids] == 1]
         counts += len(single)
         if want_keep and len(single):
             kept_rows.append(groups.row_of(groups.starts[single]))
             kept_nn.append(np.full(len(single), np.nan, np.float32))
-        for batch, X, valid, rows in engine.batches(groups, gids, start, block, len(thresholds)):
+        for batch, X, valid, rows in engine.batches(groups, gids, offsets, block, len(thresholds)):
             Xs, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
             keep, S = engine.nms(Xs, vs, thresholds)
             counts += keep.sum(dim=(1, 2)).cpu().numpy()
@@ -324,30 +355,72 @@ def _pass(groups, labels, engine, thresholds, want_keep, progress=None):
     return counts, rows[order], nn[order]
 
 
-def _search_threshold(groups, labels, engine, ratio, progress_factory, grid=16, max_passes=6):
-    """The global threshold whose kept fraction is closest to ``ratio`` (within 0.005 when achievable)."""
-    n = len(labels)
-    lo, hi = -1.0, 1.0
-    tried = {}
+def _refine(evaluate, ratio, lo, hi, tried, grid=16, rounds=6, tol=RATIO_TOLERANCE):
+    """Grid refinement of the threshold whose kept fraction is closest to ``ratio``.
+
+    ``evaluate(thresholds) -> fractions`` is one streamed pass for all the grid's thresholds.
+    Returns the best threshold and the number of passes made.
+    """
     passes = 0
-    for _ in range(max_passes):
-        ts = np.unique(np.linspace(lo, hi, grid))
-        todo = [t for t in ts if t not in tried]
+    best = None
+    for _ in range(rounds):
+        todo = [float(t) for t in np.unique(np.linspace(lo, hi, grid)) if float(t) not in tried]
         if todo:
-            with progress_factory("threshold search") as bar:
-                counts, _, _ = _pass(groups, labels, engine, np.array(todo), False, bar)
+            tried.update(zip(todo, evaluate(np.array(todo))))
             passes += 1
-            tried.update({float(t): c / n for t, c in zip(todo, counts)})
         best = min(tried, key=lambda t: (abs(tried[t] - ratio), t))
-        if abs(tried[best] - ratio) <= RATIO_TOLERANCE:
+        if abs(tried[best] - ratio) <= tol:
             break
         ts = sorted(tried)
-        crossings = [(a, b) for a, b in zip(ts, ts[1:]) if tried[a] < ratio <= tried[b]]
+        crossings = [(x, y) for x, y in zip(ts, ts[1:]) if tried[x] < ratio <= tried[y]]
         if not crossings:
-            break  # the ratio is outside what any threshold reaches: keep the closest
-        lo, hi = min(crossings, key=lambda ab: abs(tried[ab[0]] - ratio) + abs(tried[ab[1]] - ratio))
+            break  # outside what any threshold in [lo, hi] reaches
+        lo, hi = min(crossings, key=lambda xy: abs(tried[xy[0]] - ratio) + abs(tried[xy[1]] - ratio))
         if hi - lo < 1e-7:
             break
+    return best, passes
+
+
+def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_groups=20000, seed=0):
+    """The global threshold whose kept fraction is closest to ``ratio`` (within 0.005 when achievable).
+
+    On large sets the threshold is first located on a random sample of identities (cheap passes),
+    then confirmed and refined on all identities, usually in one full pass.
+    """
+    n = len(labels)
+    lo, hi = -1.0, 1.0
+    multi = np.flatnonzero(groups.sizes > 1)
+    passes = 0
+    if len(multi) > 2 * sample_groups:
+        subset = np.sort(np.random.default_rng(seed).choice(multi, sample_groups, replace=False))
+        single_rows = n - int(groups.sizes[multi].sum())
+        scale = (n - single_rows) / int(groups.sizes[subset].sum())
+
+        def estimate(ts):
+            with progress_factory("threshold search (sample)") as bar:
+                counts, _, _ = _pass(groups, labels, engine, ts, False, bar, subset=subset)
+            return (single_rows + counts * scale) / n
+
+        sampled = {}
+        _refine(estimate, ratio, lo, hi, sampled, tol=RATIO_TOLERANCE / 5)
+        # bracket of the full search: where the sample's fraction is ratio -/+ 0.02
+        ts = np.array(sorted(sampled))
+        fr = np.array([sampled[t] for t in ts])
+        below, above = ts[fr <= ratio - 0.02], ts[fr >= ratio + 0.02]
+        lo = float(below.max()) if len(below) else -1.0
+        hi = float(above[above > lo].min()) if len(above[above > lo]) else 1.0
+
+    def full(ts):
+        with progress_factory("threshold search") as bar:
+            counts, _, _ = _pass(groups, labels, engine, ts, False, bar)
+        return counts / n
+
+    tried = {}
+    best, p = _refine(full, ratio, lo, hi, tried)
+    passes += p
+    if abs(tried[best] - ratio) > RATIO_TOLERANCE and (lo, hi) != (-1.0, 1.0):
+        best, p = _refine(full, ratio, -1.0, 1.0, tried)  # the sample misled: search everything
+        passes += p
     return best, sorted(tried.items()), passes
 
 
@@ -370,7 +443,8 @@ def _bar_factory(total, progress):
 
 
 def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
-                    device=None, chunk_rows=1 << 16, workdir=None, regroup=None, progress=False):
+                    device=None, chunk_rows=1 << 16, workdir=None, regroup=None, search_sample=20000,
+                    progress=False):
     """Face-NMS selection.
 
     Args:
@@ -386,6 +460,8 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
             weights) instead of the normalised mean feature.
         seed: seed of the "random" order.
         device: torch device of the matrix products (default: cuda when available).
+        search_sample: with ``ratio``, identities sampled to locate the threshold before the
+            passes over all identities (used when there are more than twice as many).
         regroup: write a grouped copy of a memory-mapped feature file whose identities are
             scattered (default: when the file exceeds half the available memory, where random
             reads by identity would go to disk).
@@ -406,7 +482,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
     try:
         search, passes = [], 0
         if ratio is not None:
-            threshold, search, passes = _search_threshold(groups, labels, engine, ratio, bars)
+            threshold, search, passes = _search_threshold(groups, labels, engine, ratio, bars, search_sample, seed)
         with bars("select") as bar:
             _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
     finally:
@@ -424,8 +500,8 @@ def global_only(features, labels, *, ratio, order="hard-first", centers=None, se
     groups = _Groups(features, labels, chunk_rows, workdir)
     rank_key = np.zeros(len(labels))
     try:
-        for gids, start, block in groups.blocks():
-            for batch, X, valid, rows in engine.batches(groups, gids, start, block):
+        for gids, offsets, block in groups.blocks():
+            for batch, X, valid, rows in engine.batches(groups, gids, offsets, block):
                 _, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
                 pos = torch.arange(vs.shape[1], device=vs.device).expand_as(vs)
                 rank_key[rs[vs].cpu().numpy()] = pos[vs].cpu().numpy()
