@@ -186,3 +186,20 @@ def test_demo_runs_and_removes_bursts(tmp_path):
     other_kept, other_total = [int(v) for v in kept_line.split(":")[2].split(" of ")]
     # near-duplicate frames are removed far more than other faces
     assert burst_kept / burst_total < 0.5 * other_kept / other_total
+
+
+def test_onnx_model_through_insightface_model_zoo(rec_dir, tmp_path):
+    from plugins.face_nms.extract import OnnxModel
+    net = TinyNet(seed=0).eval()
+    path = str(tmp_path / "tiny.onnx")
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), path, input_names=["data"], output_names=["fc1"],
+                      dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}}, opset_version=13, dynamo=False)
+    onnx_out = extract_features(rec_dir, str(tmp_path / "onnx"), OnnxModel(path, "cpu"), batch_size=16, workers=0,
+                                progress=False)
+    torch_out = extract_features(rec_dir, str(tmp_path / "torch"), model(), batch_size=16, workers=0, progress=False)
+    a = np.load(os.path.join(onnx_out, "features.npy")).astype(np.float32)
+    b = np.load(os.path.join(torch_out, "features.npy")).astype(np.float32)
+    assert np.allclose(a, b, atol=2e-3)
+    assert json.load(open(os.path.join(onnx_out, "meta.json")))["model"] == "tiny.onnx"
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        OnnxModel(str(tmp_path / "missing.onnx"), "cpu")

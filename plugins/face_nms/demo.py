@@ -94,9 +94,9 @@ class TinyNet(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.convs = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(32 * 16, dim))
+            torch.nn.Conv2d(3, 16, 4, stride=4), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 49, dim))
         for p in self.parameters():
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / np.sqrt(max(1, p[0].numel()))))

@@ -391,6 +391,7 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
     lo, hi = -1.0, 1.0
     multi = np.flatnonzero(groups.sizes > 1)
     passes = 0
+    sample_groups = max(min(sample_groups, len(multi) // 20), 2000)
     if len(multi) > 2 * sample_groups:
         subset = np.sort(np.random.default_rng(seed).choice(multi, sample_groups, replace=False))
         single_rows = n - int(groups.sizes[multi].sum())
@@ -403,12 +404,12 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
 
         sampled = {}
         _refine(estimate, ratio, lo, hi, sampled, tol=RATIO_TOLERANCE / 5)
-        # bracket of the full search: where the sample's fraction is ratio -/+ 0.02
+        # bracket of the full search: where the sample's fraction curve crosses ratio -/+ 0.015
         ts = np.array(sorted(sampled))
-        fr = np.array([sampled[t] for t in ts])
-        below, above = ts[fr <= ratio - 0.02], ts[fr >= ratio + 0.02]
-        lo = float(below.max()) if len(below) else -1.0
-        hi = float(above[above > lo].min()) if len(above[above > lo]) else 1.0
+        fr = np.maximum.accumulate(np.array([sampled[t] for t in ts]))
+        lo, hi = (float(np.interp(ratio + d, fr + np.arange(len(fr)) * 1e-12, ts)) for d in (-0.015, 0.015))
+        if not lo < hi:
+            lo, hi = -1.0, 1.0
 
     def full(ts):
         with progress_factory("threshold search") as bar:
