@@ -34,7 +34,8 @@ class Selection:
     method: str = "nms"
     order: str = "hard-first"
     total: int = 0
-    nn_cos: np.ndarray = None  # per kept row (same order as keep): max cosine to another kept face
+    nn_cos: np.ndarray = None  # max cosine of a kept face to another kept face of its identity
+    nn_rows: np.ndarray = None  # the kept rows nn_cos is given for: all (keep), or a sample of identities
     search: list = field(default_factory=list)  # (threshold, kept fraction) evaluated by a ratio search
     passes: int = 1  # streamed passes over the features
 
@@ -324,13 +325,19 @@ def _nearest_kept(S, keep):
     return masked.max(dim=2).values
 
 
-def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=None):
-    """One streamed pass: kept counts per threshold, and for a single threshold the kept rows."""
+def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=None, bits=None):
+    """One streamed pass: kept counts per threshold, and for a single threshold the kept rows.
+
+    ``bits``: a uint16 array of one entry per row, receiving bit i when the row is kept at thresholds[i].
+    """
     counts = np.zeros(len(thresholds), np.int64)
+    weights = (1 << torch.arange(len(thresholds), device=engine.device)).view(-1, 1, 1)
     kept_rows, kept_nn = [], []
     for gids, offsets, block in groups.blocks(subset):
         single = gids[groups.sizes[gids] == 1]
         counts += len(single)
+        if bits is not None:
+            bits[groups.row_of(groups.starts[single])] = (1 << len(thresholds)) - 1
         if want_keep and len(single):
             kept_rows.append(groups.row_of(groups.starts[single]))
             kept_nn.append(np.full(len(single), np.nan, np.float32))
@@ -338,6 +345,9 @@ def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=N
             Xs, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
             keep, S = engine.nms(Xs, vs, thresholds)
             counts += keep.sum(dim=(1, 2)).cpu().numpy()
+            if bits is not None:
+                packed = (keep.int() * weights).sum(0)
+                bits[rs[vs].cpu().numpy()] = packed[vs].cpu().numpy()
             if want_keep:
                 nn = _nearest_kept(S, keep[0])
                 sel = keep[0]
@@ -411,9 +421,13 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
         if not lo < hi:
             lo, hi = -1.0, 1.0
 
+    last = {}
+
     def full(ts):
+        bits = np.zeros(n, np.uint16)
         with progress_factory("threshold search") as bar:
-            counts, _, _ = _pass(groups, labels, engine, ts, False, bar)
+            counts, _, _ = _pass(groups, labels, engine, ts, False, bar, bits=bits)
+        last.update(thresholds=[float(t) for t in ts], bits=bits)
         return counts / n
 
     tried = {}
@@ -422,7 +436,7 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
     if abs(tried[best] - ratio) > RATIO_TOLERANCE and (lo, hi) != (-1.0, 1.0):
         best, p = _refine(full, ratio, -1.0, 1.0, tried)  # the sample misled: search everything
         passes += p
-    return best, sorted(tried.items()), passes
+    return best, sorted(tried.items()), passes, last
 
 
 class _NoBar:
@@ -481,15 +495,27 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
     groups = _Groups(features, labels, chunk_rows, workdir, regroup)
     bars = _bar_factory(len(labels), progress)
     try:
-        search, passes = [], 0
+        search, passes, last = [], 0, {}
         if ratio is not None:
-            threshold, search, passes = _search_threshold(groups, labels, engine, ratio, bars, search_sample, seed)
-        with bars("select") as bar:
-            _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
+            threshold, search, passes, last = _search_threshold(groups, labels, engine, ratio, bars, search_sample,
+                                                                seed)
+        if threshold in last.get("thresholds", ()):
+            # the last search pass already decided every face at this threshold; the nearest kept
+            # neighbour cosines (for the report) come from a sample of identities
+            i = last["thresholds"].index(threshold)
+            keep = np.flatnonzero((last["bits"] >> i) & 1)
+            multi = np.flatnonzero(groups.sizes > 1)
+            sample = np.sort(np.random.default_rng(seed).choice(multi, min(len(multi), search_sample), replace=False))
+            _, nn_rows, nn = _pass(groups, labels, engine, np.array([threshold]), True, subset=sample)
+        else:
+            with bars("select") as bar:
+                _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
+            nn_rows = keep
+            passes += 1
     finally:
         groups.close()
     return Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
-                     order=order, total=len(labels), nn_cos=nn, search=search, passes=passes + 1)
+                     order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes)
 
 
 def global_only(features, labels, *, ratio, order="hard-first", centers=None, seed=0, device=None,
