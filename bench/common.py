@@ -51,3 +51,14 @@ def save(name, result, out_dir=None):
     os.replace(tmp, path)
     print(f"\nresult: {os.path.relpath(path, os.getcwd())}")
     return path
+
+
+def save_figure(fig, path, dpi=90):
+    """Writes a matplotlib figure under a temporary name, renames it, and closes it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    plt.close(fig)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from common import ROOT, RESULTS, save, table
+from common import ROOT, RESULTS, save, save_figure, table
 from plugins.fastface import FastFace
 
 DEFAULT_LOGS = os.path.join(os.path.dirname(ROOT), "shared", "data", "fastface_logs")
@@ -62,11 +62,7 @@ def plot(name, total, steps, loss, per_step, d, lr, logged_lr, threshold, path):
     axes[2].set_ylabel("LR")
     axes[2].set_xlabel("step")
     axes[2].legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main():

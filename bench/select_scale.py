@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, peak_rss_mb, save, table
+from common import peak_rss_mb, save, table
 
 
 def make_features(path, n, d=512, seed=0, mean_size=20.0):
@@ -106,12 +106,13 @@ def measure(args):
 
 
 def main():
+    import torch
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", default="500000,1000000,2000000", help="comma-separated face counts")
     p.add_argument("--mode", default="threshold", choices=["threshold", "ratio"],
                    help="a given threshold (one pass) or ratio=0.6 (threshold search, several passes)")
     p.add_argument("--threshold", type=float, default=0.52, help="0.52 keeps about 60%% of these features")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work-dir", default=None, help="where the feature files go (needs 1 GiB per 1M faces)")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     p.add_argument("--generate", type=int, help=argparse.SUPPRESS)
@@ -145,17 +146,10 @@ def main():
     extrapolated = slope * 42.5e6 + intercept
     print(f"\nextrapolated to 42.5M faces: {extrapolated / 3600:.2f} h on this machine "
           f"(linear fit of wall time in N: {slope * 1e6:.3f} s per 1M faces + {intercept:.1f} s)")
-    save(f"select_scale_{args.mode}", {"mode": args.mode, "device": args.device, "results": results, "table": text,
+    suffix = "_gpu" if args.device.startswith("cuda") else ""
+    save(f"select_scale_{args.mode}{suffix}", {"mode": args.mode, "device": args.device, "results": results, "table": text,
                                        "extrapolated_42_5M_s": extrapolated,
                                        "extrapolation": "linear least-squares fit of wall time against N"})
-
-
-def _cuda():
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

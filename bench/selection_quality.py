@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from common import RESULTS, ROOT, save, table
+from common import RESULTS, ROOT, save, save_figure, table
 from plugins.face_nms.select import run_method
 
 METHODS = {"nms": "Face-NMS (hard-first)", "random": "random", "global": "global-only", "local": "local-only"}
@@ -140,11 +140,8 @@ def main():
     axes[0].legend()
     fig.suptitle(f"simulated set: {args.identities} identities, {int(np.mean(n_faces))} training faces, "
                  f"{args.seeds} seeds")
-    fig.tight_layout()
-    os.makedirs(RESULTS, exist_ok=True)
     png = os.path.join(RESULTS, "selection_quality.png")
-    fig.savefig(png + ".tmp.png", dpi=90)
-    os.replace(png + ".tmp.png", png)
+    save_figure(fig, png)
     print(f"\n{time.time() - t0:.0f} s")
     save("selection_quality", {"params": vars(args), "all_faces": {"acc": mean(full, 0), "tar": mean(full, 1)},
                                "at_0.6": at60, "table": text, "plot": os.path.relpath(png, ROOT),

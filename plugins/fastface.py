@@ -11,12 +11,19 @@ is evaluated with the authors' second-order recurrence
 with w1 = 2 - alpha - beta, w2 = (1 - alpha)(1 - beta), w3 = alpha * beta.
 """
 import math
+import warnings
 
 import torch
 from torch import distributed
 from torch.optim.lr_scheduler import LRScheduler
 
 from .registry import register_scheduler
+
+
+# The recurrence starts from D = alpha * (first loss difference): that term fades as
+# alpha * t * (1 - alpha)^t, so it outweighs a real loss decrease of ~1e-3 per step for
+# about 10/alpha steps; a patience T shorter than that lets it decide the first decay.
+WARMUP_SPAN = 10.0
 
 
 class FastFace(LRScheduler):
@@ -67,6 +74,13 @@ class FastFace(LRScheduler):
         self.decay = float(decay)
         self.max_decays = int(max_decays)
         self.patience = int(self.total_steps * self.tolerance)
+        if self.patience * min(self.alpha, self.beta) < WARMUP_SPAN:
+            warnings.warn(
+                f"FastFace: the tolerance T = {self.patience} steps is short against the detector's warm-up "
+                f"(about {WARMUP_SPAN:g}/alpha = {WARMUP_SPAN / min(self.alpha, self.beta):.0f} steps): "
+                f"until then D_EMA follows the first loss difference, and if the loss rose at the first step "
+                f"the LR decays T+2 steps into the run. Give a run of this length a larger tolerance, or larger alpha "
+                f"and beta.", stacklevel=2)
         self.w1 = 2.0 - self.alpha - self.beta
         self.w2 = (1.0 - self.alpha) * (1.0 - self.beta)
         self.w3 = self.alpha * self.beta

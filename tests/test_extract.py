@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import gloo_group
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.extract import RecordImages, TorchModel, extract_features, load_features
@@ -114,15 +114,8 @@ def test_killed_process_resumes(rec_dir, tmp_path):
     assert np.array_equal(np.load(os.path.join(ref, "features.npy")), np.load(os.path.join(out, "features.npy")))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_worker(rank, world, port, rec, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    gloo_group.join(rank, world, port)
     extract_features(rec, out, model(), batch_size=8, workers=0, chunk_rows=16, progress=False)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -132,7 +125,7 @@ def test_two_gloo_ranks_write_the_single_process_file(rec_dir, tmp_path):
     single = extract_features(rec_dir, str(tmp_path / "single"), model(), batch_size=8, workers=0, chunk_rows=16,
                               progress=False)
     out = str(tmp_path / "sharded")
-    mp.spawn(_shard_worker, args=(2, _free_port(), rec_dir, out), nprocs=2, join=True)
+    mp.spawn(_shard_worker, args=(2, gloo_group.free_port(), rec_dir, out), nprocs=2, join=True)
     assert np.array_equal(np.load(os.path.join(single, "features.npy")), np.load(os.path.join(out, "features.npy")))
     assert np.array_equal(np.load(os.path.join(single, "labels.npy")), np.load(os.path.join(out, "labels.npy")))
 

@@ -1,12 +1,12 @@
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import gloo_group
 from plugins.fastface import FastFace
 
 
@@ -208,15 +208,8 @@ def test_step_without_loss_is_an_error():
         sched.step()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, n, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    gloo_group.join(rank, world, port)
     # each rank sees its own noisy local loss, as with a loss averaged only over the local batch
     losses = plateau_losses(n, seed=100 + rank, noise=0.2)
     sched = FastFace(make_optimizer(), total_steps=n, **FAST)
@@ -228,7 +221,7 @@ def _ddp_worker(rank, world, port, n, out_dir):
 
 def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     n = 3000
-    mp.spawn(_ddp_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, gloo_group.free_port(), n, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     assert np.array_equal(r0, r1)
     assert r0[-1] < r0[0]
@@ -240,3 +233,30 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     local0 = reference_lrs(plateau_losses(n, 100, 0.2), 0.02, n, **FAST)
     local1 = reference_lrs(plateau_losses(n, 101, 0.2), 0.02, n, **FAST)
     assert local0 != local1
+
+
+def test_short_tolerance_warns_and_the_first_loss_difference_decides_the_first_decay():
+    # a steadily falling loss whose first step rose: the recurrence starts from
+    # D = alpha * (L_1 - L_2) < 0, which outweighs the real decrease for ~10/alpha steps
+    n = 20000
+    losses = 10.0 - 5e-4 * np.arange(n)
+    losses[1] = losses[0] + 1.0
+    with pytest.warns(UserWarning, match="warm-up"):
+        sched = FastFace(make_optimizer(), total_steps=n)
+    assert sched.patience == 1000
+    lrs = np.array(run(sched, losses))[:, 0]
+    # stagnant from the second call on: T more calls, the decision, then applied at the next call
+    assert np.flatnonzero(lrs < 0.02)[0] == sched.patience + 2
+    assert lrs[sched.patience + 2] == pytest.approx(0.01)
+    # the same curve whose first step fell: no decay while the loss keeps falling
+    losses[1] = losses[0] - 1.0
+    with pytest.warns(UserWarning):
+        sched = FastFace(make_optimizer(), total_steps=n)
+    assert run(sched, losses)[-1][0] == pytest.approx(0.02)
+
+
+def test_paper_length_runs_do_not_warn():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastFace(make_optimizer(), total_steps=202320)  # ms1mv3, batch 128, 5 epochs

@@ -213,7 +213,24 @@ def test_both_nms_evaluations_agree():
         valid = torch.from_numpy(rng.random((30, m)) < 0.8)
         X = X * valid[..., None]
         ts = np.array([-0.2, 0.1, 0.3, 0.6])
-        a, _ = _Engine.nms(X, valid, ts, fixed_point=True)
-        b, _ = _Engine.nms(X, valid, ts, fixed_point=False)
+        S = torch.bmm(X, X.transpose(1, 2))
+        a = _Engine.nms(S, valid, ts, fixed_point=True)
+        b = _Engine.nms(S, valid, ts, fixed_point=False)
         assert torch.equal(a, b)
         assert not torch.equal(a[0], a[-1])
+
+
+@pytest.mark.parametrize("order", ["hard-first", "easy-first"])
+def test_two_face_identities_rank_by_row_on_any_device(order):
+    # both faces of a two-face identity are equally far from their mean: the tie must go to the
+    # lower row whatever the rounding of the device's arithmetic
+    rng = np.random.default_rng(4)
+    n = 3000
+    a = rng.standard_normal((n, 64))
+    feats = np.empty((2 * n, 64))
+    feats[0::2] = a
+    feats[1::2] = a + 0.3 * rng.standard_normal((n, 64))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float16)
+    labels = np.repeat(np.arange(n), 2)
+    sel = select_core_set(feats, labels, threshold=0.5, order=order)
+    assert np.array_equal(sel.keep, np.arange(0, 2 * n, 2))

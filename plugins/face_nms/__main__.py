@@ -45,7 +45,7 @@ def cmd_proxy_subset(args):
 
 def cmd_extract(args):
     import torch
-    from .extract import OnnxModel, TorchModel, extract_features, load_checkpoint_model
+    from .extract import OnnxModel, extract_features, load_checkpoint_model
     if bool(args.onnx) == bool(args.checkpoint):
         sys.exit("extract: give --checkpoint model.pt --network NAME (arcface_torch) or --onnx model.onnx")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():

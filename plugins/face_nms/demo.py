@@ -27,17 +27,20 @@ def synthetic_faces(n_ids=40, seed=0, size=112, burst_every=3, burst_len=8):
         for _ in range(n_faces):
             dx, dy = rng.integers(0, 16, 2)
             view = base[dy:dy + size, dx:dx + size] * rng.uniform(0.7, 1.3) + 0.08 * rng.standard_normal((size, size, 3))
-            images.append(view)
+            images.append(_to_uint8(view))
             labels.append(k)
             burst.append(False)
         if k % burst_every == 0:
-            frame = images[-1]
+            frame = view
             for _ in range(burst_len):
-                images.append(frame + 0.01 * rng.standard_normal(frame.shape))
+                images.append(_to_uint8(frame + 0.01 * rng.standard_normal(frame.shape)))
                 labels.append(k)
                 burst.append(True)
-    images = np.clip(np.stack(images) * 255, 0, 255).astype(np.uint8)
-    return images, np.array(labels), np.array(burst)
+    return np.stack(images), np.array(labels), np.array(burst)
+
+
+def _to_uint8(view):
+    return np.clip(view * 255, 0, 255).astype(np.uint8)
 
 
 def write_recordio(rec_dir, images, labels, layout="insightface", shuffle_seed=None, quality=95):

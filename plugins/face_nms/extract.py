@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -76,24 +77,69 @@ class RecordImages(Dataset):
         return torch.from_numpy(decode_record(self._f.read(lrec & ((1 << 29) - 1)), self.rec_path, off))
 
 
+class _Ready:
+    """Result of a synchronous model call, with the interface of :class:`_InFlight`."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def result(self):
+        return self.features
+
+
+class _InFlight:
+    """Features being copied to pinned host memory; ``result`` waits for that copy only."""
+
+    def __init__(self, host, event):
+        self.host, self.event = host, event
+
+    def result(self):
+        self.event.synchronize()
+        return self.host.numpy()
+
+
 class TorchModel:
-    """An arcface_torch backbone (or any module mapping Bx3x112x112 in [-1, 1] to features)."""
+    """An arcface_torch backbone (or any module mapping Bx3x112x112 in [-1, 1] to features).
+
+    On a GPU it runs in fp16 autocast with channels-last weights, and ``launch`` returns before
+    the batch is computed, so the caller can fetch the next batch meanwhile.
+    """
 
     def __init__(self, module, device, fp16=True):
         self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.module = module.to(self.device).eval()
-        self.amp = fp16 and self.device.type == "cuda"
+        if self.cuda:
+            self.module = self.module.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.amp = fp16 and self.cuda
         self.name = type(module).__name__
+        self._pinned, self._turn = [None, None], 0
 
     @torch.no_grad()
-    def __call__(self, images, flip):
+    def launch(self, images, flip):
+        # NHWC uint8 permuted to NCHW is already channels-last in memory: no copy
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.div_(255).sub_(0.5).div_(0.5)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             feat = self.module(x).float()
             if flip:
                 feat = feat + self.module(torch.flip(x, dims=[3])).float()
-        return torch.nn.functional.normalize(feat, dim=1).cpu().numpy()
+        feat = torch.nn.functional.normalize(feat, dim=1).half()
+        if not self.cuda:
+            return _Ready(feat.numpy())
+        # two pinned buffers: batch k is copied into one while the caller reads batch k-1 from the other
+        self._turn ^= 1
+        host = self._pinned[self._turn]
+        if host is None or host.shape != feat.shape:
+            host = self._pinned[self._turn] = torch.empty(feat.shape, dtype=feat.dtype, pin_memory=True)
+        host.copy_(feat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _InFlight(host, event)
+
+    def __call__(self, images, flip):
+        return np.array(self.launch(images, flip).result(), np.float32)
 
 
 class OnnxModel:
@@ -228,30 +274,50 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
         bar = tqdm(total=rows_todo * world, desc="extract", unit="face", unit_scale=True, smoothing=0.05,
                    initial=0)
     marker = open(os.path.join(progress_dir, f"rank{rank}-{os.getpid()}.txt"), "a")
-    it = iter(loader)
-    t0 = time.time()
-    for c in todo:
-        s, e = c * chunk_rows, min((c + 1) * chunk_rows, n)
-        out = np.empty((e - s, feats.shape[1]), np.float16)
-        for b in range(s, e, batch_size):
-            images = next(it)
-            f = model(images, flip)
-            if not np.all(np.isfinite(f)):
-                raise FloatingPointError(f"the model gave non-finite features for records {b}..{b + len(f) - 1} "
-                                         f"of {rec}; check the checkpoint")
-            out[b - s:b - s + len(f)] = f
-            if bar is not None:
-                bar.update(len(f) * world)
+
+    def write_chunk(c, s, e, out):
         feats[s:e] = out
         feats.flush()
         marker.write(f"{c}\n")
         marker.flush()
         os.fsync(marker.fileno())
-    marker.close()
+
+    def store(out, s, b, handle):
+        f = handle.result()
+        if not np.all(np.isfinite(f)):
+            raise FloatingPointError(f"the model gave non-finite features for records {b}..{b + len(f) - 1} "
+                                     f"of {rec}; check the checkpoint")
+        out[b - s:b - s + len(f)] = f
+        if bar is not None:
+            bar.update(len(f) * world)
+
+    launch = getattr(model, "launch", None) or (lambda images, flip: _Ready(model(images, flip)))
+    it = iter(loader)
+    t0 = time.time()
+    # batch k runs on the device while batch k-1 is stored; chunk k is written while chunk k+1 runs
+    try:
+        with ThreadPoolExecutor(1) as writer:
+            written = None
+            for c in todo:
+                s, e = c * chunk_rows, min((c + 1) * chunk_rows, n)
+                out = np.empty((e - s, feats.shape[1]), np.float16)
+                pending = None
+                for b in range(s, e, batch_size):
+                    handle = launch(next(it), flip)
+                    if pending is not None:
+                        store(out, s, *pending)
+                    pending = (b, handle)
+                store(out, s, *pending)
+                if written is not None:
+                    written.result()
+                written = writer.submit(write_chunk, c, s, e, out)
+            if written is not None:
+                written.result()
+    finally:
+        marker.close()
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
-    del feats
     _barrier()
     if rank != 0:
         return None

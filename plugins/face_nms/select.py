@@ -11,6 +11,7 @@ similar size with batched matrix products, on the GPU when one is given. Memory 
 one block (``chunk_rows`` rows, or the largest identity) plus a few bytes of bookkeeping per
 face (label, grouping order, keep flag), never by N x d.
 """
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -117,8 +118,10 @@ class _Groups:
         return dst
 
     def _gather(self, rows):
-        """Rows of the features as float32; from a memory-mapped file by positioned reads, since
-        touching scattered rows through the mapping would map (and count) most of the file."""
+        """Rows of the features as float32; from a memory-mapped file by positioned reads. Touching
+        scattered rows through the mapping instead maps far more than the rows (fault-around and
+        large page-cache folios: ~1 MB per touched row was measured on Linux 6.18), so resident
+        memory would grow with the file."""
         src = self.features
         if not isinstance(src, np.memmap) or getattr(src, "filename", None) is None:
             return np.asarray(src[rows], dtype=np.float32)
@@ -187,6 +190,18 @@ class _Groups:
                                  f"extract them again")
             yield gids, offsets, block
             i = j
+
+
+@contextlib.contextmanager
+def _exact_matmul():
+    """Full float32 matrix products: TF32 (allowed by some set-ups on Ampere and later GPUs)
+    moves cosines by ~1e-3, enough to flip NMS decisions near the threshold."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _available_memory():
@@ -259,37 +274,49 @@ class _Engine:
             yield batch, X, valid, rows
             i = j
 
-    def rank(self, X, valid, rows, labels):
-        """Ranked features (B x m x d), validity and rows, and each face's cosine to its center."""
-        Xt = torch.from_numpy(X).to(self.device)
-        Xt = torch.nn.functional.normalize(Xt, dim=2)
+    def rank(self, X, valid, rows, labels, pairwise=True):
+        """In rank order: the pairwise cosines (B x m x m, when ``pairwise``), validity, rows, and
+        each face's cosine to its center."""
+        # ranking in float64: faces tied in exact arithmetic (both faces of a two-face identity
+        # are equally far from their mean) get scores equal to ~1e-16, which the 2^-20 grid
+        # below makes exactly equal, so they rank by row index on every device and library
+        X64 = torch.from_numpy(X).to(self.device, torch.float64)
+        X64.div_(torch.linalg.vector_norm(X64, dim=2, keepdim=True).clamp_min_(1e-12))
+        Xt = X64.float()
         vt = torch.from_numpy(valid).to(self.device)
         if self.centers is None:
-            c = (Xt * vt[..., None]).sum(1)
+            c = torch.bmm(vt[:, None, :].to(X64.dtype), X64)[:, 0]
         else:
-            c = self.centers[torch.from_numpy(labels)].to(self.device)
+            c = self.centers[torch.from_numpy(labels)].to(self.device, torch.float64)
         c = torch.nn.functional.normalize(c, dim=1)
-        score = torch.bmm(Xt, c[:, :, None])[..., 0]
-        # scores on a 2^-20 grid: faces tied up to float rounding (both faces of a two-face
-        # identity are equally far from their mean) rank by row index on every device
+        score = torch.bmm(X64, c[:, :, None])[..., 0]
         if self.order == "hard-first":
-            key = torch.round(score.double() * TIE_SCALE)
+            key = torch.round(score * TIE_SCALE)
         elif self.order == "easy-first":
-            key = -torch.round(score.double() * TIE_SCALE)
+            key = -torch.round(score * TIE_SCALE)
         else:
             key = torch.from_numpy(random_keys(np.maximum(rows, 0), self.seed)).to(self.device)
         key = key.masked_fill(~vt, float("inf"))
         # rows within an identity are increasing, so a stable sort breaks ties by row index
         perm = torch.sort(key, dim=1, stable=True).indices
-        Xs = torch.gather(Xt, 1, perm[..., None].expand_as(Xt))
+        del X64
+        Ss = None
+        if pairwise:
+            # cosines before ranking, then rows and columns permuted: m x m per identity is
+            # cheaper to move than the m x d features
+            S = torch.bmm(Xt, Xt.transpose(1, 2)).clamp_(-1.0, 1.0)
+            m = S.shape[1]
+            Ss = torch.gather(torch.gather(S, 1, perm[..., None].expand(-1, -1, m)), 2,
+                              perm[:, None, :].expand(-1, m, -1))
         vs = torch.gather(vt, 1, perm)
         rs = torch.gather(torch.from_numpy(rows).to(self.device), 1, perm)
-        ss = torch.gather(score, 1, perm)
-        return Xs, vs, rs, ss
+        ss = torch.gather(score, 1, perm).float()
+        return Ss, vs, rs, ss
 
     @staticmethod
-    def nms(Xs, vs, thresholds, fixed_point=None):
-        """Kept mask (k x B x m) of greedy NMS in rank order, one per threshold, and the cosines.
+    def nms(S, vs, thresholds, fixed_point=None):
+        """Kept mask (k x B x m) of greedy NMS in rank order, one per threshold, from the ranked
+        pairwise cosines S (B x m x m) and validity vs.
 
         Greedy NMS keeps face i iff no kept face ranked before it has cosine above the threshold.
         Two exact evaluations: a step per rank position, or, since the rule depends only on
@@ -297,7 +324,6 @@ class _Engine:
         rounds, in practice a few, each one batched operation over all pairs). The second is
         faster for one threshold, the first for a grid of them.
         """
-        S = torch.bmm(Xs, Xs.transpose(1, 2)).clamp_(-1.0, 1.0)
         t = torch.as_tensor(thresholds, dtype=S.dtype, device=S.device).view(-1, 1, 1, 1)
         k, m = len(thresholds), S.shape[1]
         over = S.unsqueeze(0) > t
@@ -309,12 +335,12 @@ class _Engine:
                 if torch.equal(new, keep):
                     break
                 keep = new
-            return keep, S
+            return keep
         suppressed = torch.zeros((k,) + vs.shape, dtype=torch.bool, device=S.device)
         for j in range(m - 1):
             alive = ~suppressed[:, :, j] & vs[:, j]
             suppressed[:, :, j + 1:] |= alive[..., None] & over[:, :, j, j + 1:]
-        return ~suppressed & vs, S
+        return ~suppressed & vs
 
 
 def _nearest_kept(S, keep):
@@ -342,8 +368,8 @@ def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=N
             kept_rows.append(groups.row_of(groups.starts[single]))
             kept_nn.append(np.full(len(single), np.nan, np.float32))
         for batch, X, valid, rows in engine.batches(groups, gids, offsets, block, len(thresholds)):
-            Xs, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
-            keep, S = engine.nms(Xs, vs, thresholds)
+            S, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
+            keep = engine.nms(S, vs, thresholds)
             counts += keep.sum(dim=(1, 2)).cpu().numpy()
             if bits is not None:
                 packed = (keep.int() * weights).sum(0)
@@ -457,6 +483,7 @@ def _bar_factory(total, progress):
     return lambda desc: tqdm(total=total, desc=desc, unit="face", unit_scale=True, smoothing=0.1)
 
 
+@_exact_matmul()
 def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
                     device=None, chunk_rows=1 << 16, workdir=None, regroup=None, search_sample=20000,
                     progress=False):
@@ -518,6 +545,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
                      order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes)
 
 
+@_exact_matmul()
 def global_only(features, labels, *, ratio, order="hard-first", centers=None, seed=0, device=None,
                 chunk_rows=1 << 16, workdir=None):
     """Ablation: rank each identity (global sparsity), keep its top share, no NMS."""
@@ -529,7 +557,7 @@ def global_only(features, labels, *, ratio, order="hard-first", centers=None, se
     try:
         for gids, offsets, block in groups.blocks():
             for batch, X, valid, rows in engine.batches(groups, gids, offsets, block):
-                _, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
+                _, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch], pairwise=False)
                 pos = torch.arange(vs.shape[1], device=vs.device).expand_as(vs)
                 rank_key[rs[vs].cpu().numpy()] = pos[vs].cpu().numpy()
     finally:
