@@ -23,7 +23,7 @@ def read_log(path):
     return total, data[:, 0].astype(int), data[:, 1], data[:, 2]
 
 
-def synthetic(total=100_000, seed=0):
+def synthetic(total=200_000, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(10, total + 1, 10)
     loss = 30 * np.exp(-t / (total / 8)) + 8 * np.exp(-t / (total / 2)) + 3 + 0.3 * rng.standard_normal(len(t))
