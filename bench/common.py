@@ -10,6 +10,8 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from plugins.face_nms.files import atomic_output  # noqa: E402
+
 
 def machine():
     import torch
@@ -45,10 +47,8 @@ def save(name, result, out_dir=None):
     result = dict(result, machine=machine(), command="python " + " ".join(
         [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
     path = os.path.join(out_dir, f"{name}.json")
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, path)
     print(f"\nresult: {os.path.relpath(path, os.getcwd())}")
     return path
 
@@ -58,7 +58,6 @@ def save_figure(fig, path, dpi=90):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    with atomic_output(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)

@@ -148,3 +148,19 @@ def test_proxy_subset_cli(dataset, tmp_path, capsys):
     assert f"num_image    {len(kept)}" in printed
     with pytest.raises(SystemExit):
         main(["proxy-subset", "--rec", rec_dir, "--ratio", "1.5", "--out", out])
+
+
+def test_atomic_output_keeps_the_old_file_and_no_temporary_on_failure(tmp_path):
+    from plugins.face_nms.files import atomic_output
+    path = tmp_path / "train_facenms60.idx"
+    path.write_text("0\t0\n")
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(path)) as tmp, open(tmp, "w") as f:
+            f.write("1\t24\n")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "0\t0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_facenms60.idx"]
+    with atomic_output(str(path)) as tmp, open(tmp, "w") as f:
+        f.write("1\t24\n")
+    assert path.read_text() == "1\t24\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_facenms60.idx"]

@@ -72,7 +72,7 @@ def cmd_extract(args):
 
 def cmd_select(args):
     from .extract import load_features
-    from .recordio_index import read_index, write_idx
+    from .recordio_index import image_records, write_idx
     from .report import write_report
     from .select import run_method
     if (args.ratio is None) == (args.threshold is None) and args.method in ("nms", "local"):
@@ -88,8 +88,9 @@ def cmd_select(args):
         sel = run_method(args.method, feats, labels, ratio=args.ratio, order=args.order, **kw)
     except ValueError as exc:
         raise ValueError(f"{args.features}: {exc}") from None
-    index = read_index(args.rec)
-    write_idx(args.out, index.keys[sel.keep], index.offsets[sel.keep])
+    # load_features checked that the rows are these image records, in this order
+    _, rec_keys, rec_offsets = image_records(args.rec)
+    write_idx(args.out, rec_keys[sel.keep], rec_offsets[sel.keep])
     info = write_report(args.out, sel, labels)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "

@@ -111,7 +111,7 @@ class TinyNet(torch.nn.Module):
 def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     """Generates the set, extracts, selects at ``ratio`` and prints what was kept."""
     from .extract import TorchModel, extract_features, load_features
-    from .recordio_index import read_index
+    from .recordio_index import image_records
     from .report import write_report
     from .select import select_core_set
 
@@ -128,9 +128,9 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
                      progress=False)
     feats, flabels, fkeys, _ = load_features(feat_dir, rec_dir)
     sel = select_core_set(feats, flabels, ratio=ratio)
-    index = read_index(rec_dir)
+    _, rec_keys, rec_offsets = image_records(rec_dir)
     idx_path = os.path.join(work_dir, f"train_facenms{int(round(ratio * 100))}.idx")
-    write_idx(idx_path, index.keys[sel.keep], index.offsets[sel.keep])
+    write_idx(idx_path, rec_keys[sel.keep], rec_offsets[sel.keep])
     write_report(idx_path, sel, flabels)
     kept_keys = set(fkeys[sel.keep].tolist())
     is_burst = dict(zip(keys.tolist(), burst.tolist()))

@@ -23,22 +23,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .recordio_index import MAGIC, RecordIOError, read_index, rec_paths
+from .files import atomic_output
+from .recordio_index import MAGIC, RecordIOError, image_records, read_index, rec_paths
 
 IMAGE_SIZE = 112
 
 
 def _atomic_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _atomic_npy(path, array):
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_output(path, ".npy") as tmp:
+        np.save(tmp, array)
 
 
 def decode_record(buf, rec_path, offset):
@@ -248,9 +246,8 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
         probe = model(RecordImages(rec, index.offsets[:1])[0][None], flip)
         partial = final + ".partial"
         if not os.path.exists(partial):
-            tmp = partial + f".tmp-{os.getpid()}"
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(index), probe.shape[1])).flush()
-            os.replace(tmp, partial)
+            with atomic_output(partial) as tmp:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(index), probe.shape[1])).flush()
         _atomic_json(run_path, run)
     _barrier()
     index = read_index(rec_dir) if rank != 0 else index
@@ -266,7 +263,8 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
     rows_todo = sum(min(chunk_rows, n - c * chunk_rows) for c in todo)
     loader = DataLoader(RecordImages(rec, index.offsets), num_workers=workers,
                         batch_sampler=list(_chunk_batches(todo, chunk_rows, n, batch_size)),
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        pin_memory=getattr(model, "device", torch.device("cpu")).type == "cuda",
+                        persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     bar = None
     if progress and rank == 0:
@@ -353,8 +351,8 @@ def load_features(feature_dir, rec_dir=None):
         raise ValueError(f"{feature_dir}: features.npy has {len(feats)} rows, labels.npy {len(labels)}, "
                          f"keys.npy {len(keys)}, meta.json {meta['count']}; the folder is inconsistent, extract again")
     if rec_dir is not None:
-        index = read_index(rec_dir)
-        if len(index) != len(feats) or not np.array_equal(index.keys, keys):
-            raise ValueError(f"features in {feature_dir} ({len(feats)} rows) do not match the {len(index)} image "
+        _, rec_keys, _ = image_records(rec_dir)
+        if not np.array_equal(rec_keys, keys):
+            raise ValueError(f"features in {feature_dir} ({len(feats)} rows) do not match the {len(rec_keys)} image "
                              f"records of {rec_dir}; extract features of this dataset")
     return feats, labels, keys, meta

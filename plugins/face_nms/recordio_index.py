@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import atomic_output
+
 MAGIC = 0xCED7230A
 _PEEK = 36  # magic, lrecord, flag, label, id, id2, first extra label
 CHUNK = 1 << 20
@@ -144,48 +146,46 @@ def _first_lines(idx, n=64):
     return _parse_idx_block(head, idx)
 
 
-def iter_index(rec_dir, chunk=CHUNK):
-    """Chunks of (keys, offsets, labels) of the image records, in train.idx order."""
-    rec, idx = rec_paths(rec_dir)
+def image_records(rec_dir):
+    """(layout, keys, offsets) of the image records, in train.idx order, from the .idx alone."""
+    _, idx = rec_paths(rec_dir)
     layout, first_identity = detect_layout(rec_dir)
     keys, offsets = read_idx(idx)
     if layout == "insightface":
         sel = (keys >= 1) & (keys < first_identity)
         keys, offsets = keys[sel], offsets[sel]
-    for s in range(0, len(keys), chunk):
-        k, o = keys[s:s + chunk], offsets[s:s + chunk]
-        _, label = peek_headers(rec, o)
-        if not np.all(np.isfinite(label)) or np.any(label < 0) or np.any(label != np.floor(label)):
-            bad = int(k[np.flatnonzero(~np.isfinite(label) | (label < 0) | (label != np.floor(label)))[0]])
-            raise RecordIOError(f"{rec}: record {bad} has no non-negative integer identity label")
-        yield k, o, label.astype(np.int64)
+    return layout, keys, offsets
+
+
+def _labels(rec, keys, offsets):
+    _, label = peek_headers(rec, offsets)
+    bad = ~np.isfinite(label) | (label < 0) | (label != np.floor(label))
+    if np.any(bad):
+        raise RecordIOError(f"{rec}: record {int(keys[np.flatnonzero(bad)[0]])} has no non-negative integer "
+                            f"identity label")
+    return label.astype(np.int64)
 
 
 def read_index(rec_dir, chunk=CHUNK):
-    """RecordIndex of every image record of ``rec_dir``."""
-    parts = list(iter_index(rec_dir, chunk))
-    if not parts:
+    """RecordIndex of every image record of ``rec_dir``; labels read from record headers in chunks."""
+    rec, _ = rec_paths(rec_dir)
+    layout, keys, offsets = image_records(rec_dir)
+    if len(keys) == 0:
         raise RecordIOError(f"{rec_dir} holds no image records: the dataset is empty")
-    layout, _ = detect_layout(rec_dir)
-    keys, offsets, labels = (np.concatenate(p) for p in zip(*parts))
+    labels = np.concatenate([_labels(rec, keys[s:s + chunk], offsets[s:s + chunk])
+                             for s in range(0, len(keys), chunk)])
     return RecordIndex(rec_dir, layout, keys, offsets, labels)
 
 
 def write_idx(path, keys, offsets, chunk=1 << 20):
     """Writes an MXNet .idx atomically: a temporary file beside ``path``, then a rename."""
     keys, offsets = np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            for s in range(0, len(keys), chunk):
-                f.write("".join(f"{k}\t{o}\n" for k, o in zip(keys[s:s + chunk].tolist(),
-                                                             offsets[s:s + chunk].tolist())))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        for s in range(0, len(keys), chunk):
+            f.write("".join(f"{k}\t{o}\n" for k, o in zip(keys[s:s + chunk].tolist(),
+                                                         offsets[s:s + chunk].tolist())))
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -195,7 +195,7 @@ def load_filtered_index(index_path, rec_dir):
     Every key must be an image record of ``rec_dir`` at the same offset; otherwise the
     index belongs to another dataset (or another packing) and training must not start.
     """
-    rec, idx = rec_paths(rec_dir)
+    _, idx = rec_paths(rec_dir)
     if not os.path.isfile(index_path):
         raise RecordIOError(f"filtered index {index_path} not found: run `python -m plugins.face_nms select` "
                             f"first or fix config.face_nms['index']")
@@ -204,15 +204,12 @@ def load_filtered_index(index_path, rec_dir):
         raise RecordIOError(f"filtered index {index_path} lists no records")
     if len(np.unique(keys)) != len(keys):
         raise RecordIOError(f"filtered index {index_path} lists some keys twice; regenerate it")
-    all_keys, all_offsets = read_idx(idx)
-    layout, first_identity = detect_layout(rec_dir)
+    _, all_keys, all_offsets = image_records(rec_dir)
+    if len(all_keys) == 0:
+        raise RecordIOError(f"{rec_dir} holds no image records: the dataset is empty")
     sorter = np.argsort(all_keys, kind="stable")
-    pos = np.searchsorted(all_keys, keys, sorter=sorter)
-    pos = np.minimum(pos, len(all_keys) - 1)
-    found = all_keys[sorter[pos]] == keys
-    same = found & (all_offsets[sorter[pos]] == offsets)
-    if layout == "insightface":
-        same &= (keys >= 1) & (keys < first_identity)
+    pos = np.minimum(np.searchsorted(all_keys, keys, sorter=sorter), len(all_keys) - 1)
+    same = (all_keys[sorter[pos]] == keys) & (all_offsets[sorter[pos]] == offsets)
     if not np.all(same):
         k = int(keys[np.flatnonzero(~same)[0]])
         raise RecordIOError(f"filtered index {index_path} does not belong to {rec_dir}: key {k} is not an image "

@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from .files import atomic_output
+
 
 def summary(sel, labels):
     labels = np.asarray(labels, np.int64)
@@ -11,7 +13,7 @@ def summary(sel, labels):
     kept = np.bincount(labels[sel.keep], minlength=len(sizes))
     present = sizes > 0
     hist_values, hist_counts = np.unique(kept[present], return_counts=True)
-    nn = sel.nn_cos[np.isfinite(sel.nn_cos)] if sel.nn_cos is not None else np.zeros(0)
+    nn = _nn_cosines(sel)
     return {
         "method": sel.method, "order": sel.order, "threshold": sel.threshold,
         "kept": int(sel.kept), "total": int(sel.total), "kept_fraction": sel.fraction,
@@ -21,6 +23,11 @@ def summary(sel, labels):
         if len(nn) else {},
         "threshold_search": [[float(t), float(f)] for t, f in sel.search],
     }
+
+
+def _nn_cosines(sel):
+    """Cosine of each kept face to its nearest kept face of the same identity, where it has one."""
+    return sel.nn_cos[np.isfinite(sel.nn_cos)] if sel.nn_cos is not None else np.zeros(0)
 
 
 def _retention_by_size(labels, keep):
@@ -47,10 +54,8 @@ def write_report(idx_path, sel, labels):
     labels = np.asarray(labels, np.int64)
     stem = os.path.splitext(idx_path)[0]
     info = summary(sel, labels)
-    tmp = f"{stem}.json.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_output(f"{stem}.json") as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=1)
-    os.replace(tmp, f"{stem}.json")
 
     xs, ys = _retention_by_size(labels, sel.keep)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -65,7 +70,7 @@ def write_report(idx_path, sel, labels):
     _save(fig, f"{stem}_retention.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    nn = sel.nn_cos[np.isfinite(sel.nn_cos)] if sel.nn_cos is not None else np.zeros(0)
+    nn = _nn_cosines(sel)
     if len(nn):
         ax.hist(nn, bins=60, color="C0")
     if sel.threshold is not None:
@@ -80,6 +85,5 @@ def write_report(idx_path, sel, labels):
 
 
 def _save(fig, path):
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_output(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)

@@ -8,8 +8,8 @@ Identities are streamed: rows are grouped by identity (a regrouping pass writes 
 of a memory-mapped feature file whose identities are scattered, as in im2rec-packed
 datasets), read one block of identities at a time, and processed in batches of identities of
 similar size with batched matrix products, on the GPU when one is given. Memory is bounded by
-one block (``chunk_rows`` rows, or the largest identity) plus a few bytes of bookkeeping per
-face (label, grouping order, keep flag), never by N x d.
+one block (``chunk_rows`` rows, or the largest identity) plus a few dozen bytes of bookkeeping
+per face (label, grouping order, kept rows), never by N x d.
 """
 import contextlib
 import mmap
@@ -76,7 +76,7 @@ class _Groups:
     """Identity groups of a feature array, read in blocks of whole identities."""
 
     def __init__(self, features, labels, chunk_rows, workdir=None, regroup=None):
-        self.features, self.labels, self.chunk_rows = features, labels, chunk_rows
+        self.features, self.chunk_rows = features, chunk_rows
         n = len(labels)
         change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
         starts = np.concatenate([[0], change])
@@ -275,14 +275,12 @@ class _Engine:
             i = j
 
     def rank(self, X, valid, rows, labels, pairwise=True):
-        """In rank order: the pairwise cosines (B x m x m, when ``pairwise``), validity, rows, and
-        each face's cosine to its center."""
+        """In rank order: the pairwise cosines (B x m x m, when ``pairwise``), validity and rows."""
         # ranking in float64: faces tied in exact arithmetic (both faces of a two-face identity
         # are equally far from their mean) get scores equal to ~1e-16, which the 2^-20 grid
         # below makes exactly equal, so they rank by row index on every device and library
         X64 = torch.from_numpy(X).to(self.device, torch.float64)
         X64.div_(torch.linalg.vector_norm(X64, dim=2, keepdim=True).clamp_min_(1e-12))
-        Xt = X64.float()
         vt = torch.from_numpy(valid).to(self.device)
         if self.centers is None:
             c = torch.bmm(vt[:, None, :].to(X64.dtype), X64)[:, 0]
@@ -299,19 +297,18 @@ class _Engine:
         key = key.masked_fill(~vt, float("inf"))
         # rows within an identity are increasing, so a stable sort breaks ties by row index
         perm = torch.sort(key, dim=1, stable=True).indices
-        del X64
         Ss = None
         if pairwise:
             # cosines before ranking, then rows and columns permuted: m x m per identity is
             # cheaper to move than the m x d features
+            Xt = X64.float()
             S = torch.bmm(Xt, Xt.transpose(1, 2)).clamp_(-1.0, 1.0)
             m = S.shape[1]
             Ss = torch.gather(torch.gather(S, 1, perm[..., None].expand(-1, -1, m)), 2,
                               perm[:, None, :].expand(-1, m, -1))
         vs = torch.gather(vt, 1, perm)
         rs = torch.gather(torch.from_numpy(rows).to(self.device), 1, perm)
-        ss = torch.gather(score, 1, perm).float()
-        return Ss, vs, rs, ss
+        return Ss, vs, rs
 
     @staticmethod
     def nms(S, vs, thresholds, fixed_point=None):
@@ -351,7 +348,7 @@ def _nearest_kept(S, keep):
     return masked.max(dim=2).values
 
 
-def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=None, bits=None):
+def _pass(groups, engine, thresholds, want_keep, progress=None, subset=None, bits=None):
     """One streamed pass: kept counts per threshold, and for a single threshold the kept rows.
 
     ``bits``: a uint16 array of one entry per row, receiving bit i when the row is kept at thresholds[i].
@@ -368,7 +365,7 @@ def _pass(groups, labels, engine, thresholds, want_keep, progress=None, subset=N
             kept_rows.append(groups.row_of(groups.starts[single]))
             kept_nn.append(np.full(len(single), np.nan, np.float32))
         for batch, X, valid, rows in engine.batches(groups, gids, offsets, block, len(thresholds)):
-            S, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch])
+            S, vs, rs = engine.rank(X, valid, rows, groups.group_labels[batch])
             keep = engine.nms(S, vs, thresholds)
             counts += keep.sum(dim=(1, 2)).cpu().numpy()
             if bits is not None:
@@ -435,7 +432,7 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
 
         def estimate(ts):
             with progress_factory("threshold search (sample)") as bar:
-                counts, _, _ = _pass(groups, labels, engine, ts, False, bar, subset=subset)
+                counts, _, _ = _pass(groups, engine, ts, False, bar, subset=subset)
             return (single_rows + counts * scale) / n
 
         sampled = {}
@@ -452,7 +449,7 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
     def full(ts):
         bits = np.zeros(n, np.uint16)
         with progress_factory("threshold search") as bar:
-            counts, _, _ = _pass(groups, labels, engine, ts, False, bar, bits=bits)
+            counts, _, _ = _pass(groups, engine, ts, False, bar, bits=bits)
         last.update(thresholds=[float(t) for t in ts], bits=bits)
         return counts / n
 
@@ -465,20 +462,9 @@ def _search_threshold(groups, labels, engine, ratio, progress_factory, sample_gr
     return best, sorted(tried.items()), passes, last
 
 
-class _NoBar:
-    def __init__(self, *a, **k):
-        pass
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _bar_factory(total, progress):
     if not progress:
-        return lambda desc: _NoBar()
+        return lambda desc: contextlib.nullcontext()
     from tqdm import tqdm
     return lambda desc: tqdm(total=total, desc=desc, unit="face", unit_scale=True, smoothing=0.1)
 
@@ -533,10 +519,10 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
             keep = np.flatnonzero((last["bits"] >> i) & 1)
             multi = np.flatnonzero(groups.sizes > 1)
             sample = np.sort(np.random.default_rng(seed).choice(multi, min(len(multi), search_sample), replace=False))
-            _, nn_rows, nn = _pass(groups, labels, engine, np.array([threshold]), True, subset=sample)
+            _, nn_rows, nn = _pass(groups, engine, np.array([threshold]), True, subset=sample)
         else:
             with bars("select") as bar:
-                _, keep, nn = _pass(groups, labels, engine, np.array([threshold]), True, bar)
+                _, keep, nn = _pass(groups, engine, np.array([threshold]), True, bar)
             nn_rows = keep
             passes += 1
     finally:
@@ -557,7 +543,7 @@ def global_only(features, labels, *, ratio, order="hard-first", centers=None, se
     try:
         for gids, offsets, block in groups.blocks():
             for batch, X, valid, rows in engine.batches(groups, gids, offsets, block):
-                _, vs, rs, _ = engine.rank(X, valid, rows, groups.group_labels[batch], pairwise=False)
+                _, vs, rs = engine.rank(X, valid, rows, groups.group_labels[batch], pairwise=False)
                 pos = torch.arange(vs.shape[1], device=vs.device).expand_as(vs)
                 rank_key[rs[vs].cpu().numpy()] = pos[vs].cpu().numpy()
     finally:
