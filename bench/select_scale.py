@@ -1,10 +1,21 @@
 """Face-NMS selection at scale on synthetic WebFace42M-shaped features.
 
-Identity sizes are long-tailed (mean near 20 faces, a tail of several hundred) with near-duplicate
-bursts inside identities; features are 512-d float16, memory-mapped, shuffled as im2rec packs
-WebFace42M. Each size runs in its own process (peak RSS is per process). The lower bound measured in
-the same process: one pass reading the feature file, plus batched matrix products of exactly the
-per-identity pairwise work (sum of n_i^2 d multiply-adds, no padding).
+Identity sizes are log-normal (mean near 17 faces, at most 800), a third of each identity's
+faces form a near-duplicate session, features are 512-d float16, L2-normalised, memory-mapped,
+and rows are shuffled as im2rec packs WebFace42M, so an identity's faces are scattered through
+the file. The file is streamed to disk in chunks (no N x d array in memory).
+
+Two kinds of points:
+* ``--sizes``: one generated file per size;
+* ``--big N --sizes A,B``: one generated N-face file, each size measured on its first rows (the
+  prefix of a shuffled file: fewer faces per identity), in memory when the page cache holds it,
+  out of core when it does not (the file's pages are dropped from the cache first).
+
+Each point runs in its own process and reports wall time, peak anonymous memory (RssAnon,
+sampled; file pages mapped do not count), peak RSS as the kernel counts it, bytes read from
+disk, and a lower bound measured in the same process on the same cache state: one sequential
+read of the rows into float32, plus batched matrix products of exactly the per-identity pairwise
+work (sum of n_i^2 d multiply-adds, no padding).
 """
 import argparse
 import json
@@ -12,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -19,45 +31,96 @@ import numpy as np
 from common import peak_rss_mb, save, table
 
 
-def make_features(path, n, d=512, seed=0, mean_size=20.0):
+def identity_sizes(n, mean_size, rng):
+    """Log-normal identity sizes (at least 2, at most 800 faces) summing to n."""
+    sizes = np.maximum(2, rng.lognormal(np.log(mean_size) - 0.6, 1.1, int(n / mean_size * 1.2) + 16)).astype(np.int64)
+    sizes = np.minimum(sizes, 800)
+    sizes = sizes[:np.searchsorted(np.cumsum(sizes), n) + 1]
+    sizes[-1] -= sizes.sum() - n
+    return sizes[sizes > 0]
+
+
+def make_features(path, n, d=512, seed=0, mean_size=17.0, chunk=1 << 16):
+    """Streams an n x d float16 feature file to ``path``; returns the row labels.
+
+    Identity centers are sums of three rows of small random tables picked by the label, so no
+    num_classes x d array is held; a third of the faces form a near-duplicate session around an
+    identity-specific offset of the center.
+    """
     rng = np.random.default_rng(seed)
-    sizes = []
-    total = 0
-    while total < n:
-        s = int(min(max(2, rng.lognormal(np.log(mean_size) - 0.6, 1.1)), 800))
-        sizes.append(s)
-        total += s
-    sizes[-1] -= total - n
-    sizes = np.array([s for s in sizes if s > 0])
-    labels = np.repeat(np.arange(len(sizes)), sizes)
-    perm = rng.permutation(n)  # im2rec-style shuffle
+    sizes = identity_sizes(n, mean_size, rng)
+    labels = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(n)]  # im2rec-style shuffle
+    tables = rng.standard_normal((3, 4099, d)).astype(np.float32) / np.sqrt(3)
+    phase = np.arange(d, dtype=np.float32)[None, :]
     feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    centers = rng.standard_normal((len(sizes), d)).astype(np.float32)
-    chunk = 1 << 16
-    inv_labels = labels[perm]
     for s in range(0, n, chunk):
-        lab = inv_labels[s:s + chunk]
-        x = centers[lab] + 1.1 * rng.standard_normal((len(lab), d), dtype=np.float32)
-        # near-duplicate bursts: a third of the faces are a small perturbation of their identity's anchor
+        lab = labels[s:s + chunk]
+        x = tables[0][lab % 4099] + tables[1][(lab // 4099) % 4099] + tables[2][(lab * 7 + 3) % 4099]
         burst = rng.random(len(lab)) < 0.33
-        x[burst] = centers[lab[burst]] * 1.0 + 0.55 * rng.standard_normal((int(burst.sum()), d), dtype=np.float32) \
-            + 0.9 * np.sin(lab[burst, None] * 7.1 + np.arange(d)[None, :])
+        noise = rng.standard_normal((len(lab), d), dtype=np.float32)
+        noise[~burst] *= 1.1
+        noise[burst] *= 0.55
+        x += noise
+        x[burst] += 0.9 * np.sin(lab[burst, None].astype(np.float32) * 7.1 + phase)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         feats[s:s + chunk] = x
     feats.flush()
-    return inv_labels, sizes
+    del feats
+    return labels
 
 
-def lower_bound(path, labels, chunk_rows, device):
-    import torch
-    feats = np.load(path, mmap_mode="r")
+class AnonPeak:
+    """Peak RssAnon of this process, sampled every 20 ms in a thread."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def disk_read_bytes():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def drop_from_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_pass(feats, chunk_rows=1 << 16):
     t0 = time.perf_counter()
     acc = 0.0
     for s in range(0, len(feats), chunk_rows):
         acc += float(np.asarray(feats[s:s + chunk_rows], dtype=np.float32)[:, 0].sum())
-    read = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def pairwise_bound(labels, d, device):
+    import torch
     sizes = np.bincount(labels)
-    d = feats.shape[1]
     t0 = time.perf_counter()
     dev = torch.device(device)
     for m in np.unique(sizes[sizes > 1]):
@@ -69,53 +132,73 @@ def lower_bound(path, labels, chunk_rows, device):
             torch.bmm(x[:b], x[:b].transpose(1, 2))
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    matmul = time.perf_counter() - t0
-    pair_work = float((sizes.astype(np.float64) ** 2).sum() * d)
-    return read, matmul, pair_work
+    return time.perf_counter() - t0, float((sizes.astype(np.float64) ** 2).sum() * d)
 
 
 def generate(args):
-    labels, _ = make_features(os.path.join(args.work_dir, f"features_{args.generate}.npy"), args.generate)
-    np.save(os.path.join(args.work_dir, f"labels_{args.generate}.npy"), labels)
+    n = args.generate
+    labels = make_features(os.path.join(args.work_dir, f"features_{n}.npy"), n)
+    np.save(os.path.join(args.work_dir, f"labels_{n}.npy"), labels)
 
 
 def measure(args):
     import torch
     from plugins.face_nms.select import select_core_set
-    torch.set_num_threads(os.cpu_count())
-    work = args.work_dir
-    path = os.path.join(work, f"features_{args.measure}.npy")
-    labels = np.load(os.path.join(work, f"labels_{args.measure}.npy"))
-    feats = np.load(path, mmap_mode="r")
-    rss0 = peak_rss_mb()
-    t0 = time.perf_counter()
-    if args.mode == "ratio":
-        sel = select_core_set(feats, labels, ratio=0.6, device=args.device, workdir=work)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    src = args.big or args.measure
+    n = args.measure
+    path = os.path.join(args.work_dir, f"features_{src}.npy")
+    feats = np.load(path, mmap_mode="r")[:n]
+    labels = np.load(os.path.join(args.work_dir, f"labels_{src}.npy"))[:n]
+    from plugins.face_nms.feature_stream import available_memory
+    in_memory = feats.nbytes <= available_memory() * 3 // 4
+    if in_memory:
+        read_pass(feats)  # the page cache holds the rows for the bound and the selection alike
     else:
-        sel = select_core_set(feats, labels, threshold=args.threshold, device=args.device, workdir=work)
-    wall = time.perf_counter() - t0
-    rss = peak_rss_mb()
-    read, matmul, work_flops = lower_bound(path, labels, 1 << 17, args.device)
+        drop_from_cache(path)
+    read = read_pass(feats)
+    matmul, work_flops = pairwise_bound(labels, feats.shape[1], args.device)
+    if not in_memory:
+        drop_from_cache(path)
+    kw = dict(ratio=0.6) if args.mode == "ratio" else dict(threshold=args.threshold)
+    io0, rss0 = disk_read_bytes(), AnonPeak.now()
+    notes = []
+    with AnonPeak() as anon:
+        t0 = time.perf_counter()
+        sel = select_core_set(feats, labels, device=args.device, spill_dir=args.spill_dir or args.work_dir,
+                              log=notes.append, **kw)
+        wall = time.perf_counter() - t0
+    read_bytes = disk_read_bytes() - io0
+    if args.save_keep:
+        np.save(args.save_keep, sel.keep)
     sizes = np.bincount(labels)
-    print(json.dumps({"n": int(args.measure), "identities": int((sizes > 0).sum()), "mean_size": float(sizes.mean()),
-                      "max_size": int(sizes.max()), "wall_s": wall, "faces_per_s": args.measure / wall,
-                      "peak_rss_mb": rss, "rss_before_mb": rss0, "read_s": read, "matmul_s": matmul,
-                      "lower_bound_s": read + matmul, "ratio_to_bound": wall / (read + matmul),
-                      "pair_madds": work_flops, "kept_fraction": sel.fraction, "threshold": sel.threshold,
-                      "passes": sel.passes}))
+    sizes = sizes[sizes > 0]
+    print(json.dumps({"n": int(n), "file_gb": feats.nbytes / 1e9, "in_memory": bool(in_memory),
+                      "identities": int(len(sizes)), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
+                      "wall_s": wall, "faces_per_s": n / wall, "peak_anon_mb": anon.peak / 2**20,
+                      "anon_before_mb": rss0 / 2**20, "peak_rss_mb": peak_rss_mb(), "disk_read_gb": read_bytes / 1e9,
+                      "read_s": read, "matmul_s": matmul, "lower_bound_s": read + matmul,
+                      "ratio_to_bound": wall / (read + matmul), "pair_madds": work_flops,
+                      "kept_fraction": sel.fraction, "threshold": sel.threshold, "passes": sel.passes,
+                      "source": sel.source, "notes": notes}))
 
 
 def main():
     import torch
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default="500000,1000000,2000000", help="comma-separated face counts")
+    p.add_argument("--big", type=int, help="generate one file of this many faces and measure its prefixes")
     p.add_argument("--mode", default="threshold", choices=["threshold", "ratio"],
-                   help="a given threshold (one pass) or ratio=0.6 (threshold search, several passes)")
-    p.add_argument("--threshold", type=float, default=0.52, help="0.52 keeps about 60%% of these features")
+                   help="a given threshold or ratio=0.6 (threshold searched)")
+    p.add_argument("--threshold", type=float, default=0.52, help="threshold of --mode threshold")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--work-dir", default=None, help="where the feature files go (needs 1 GiB per 1M faces)")
+    p.add_argument("--work-dir", default=None, help="where the feature files go (1.03 GB per 1M faces)")
+    p.add_argument("--spill-dir", default=None, help="temporary files of out-of-core selection (default: --work-dir)")
+    p.add_argument("--keep-files", action="store_true", help="leave the generated files in --work-dir")
+    p.add_argument("--name", default=None, help="result name (default select_scale_<mode>[_big][_gpu])")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     p.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--save-keep", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.generate:
         return generate(args)
@@ -123,33 +206,37 @@ def main():
         return measure(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="face_nms_bench_")
     os.makedirs(work, exist_ok=True)
+    common = ["--work-dir", work, "--device", args.device, "--mode", args.mode, "--threshold", str(args.threshold)]
+    if args.spill_dir:
+        common += ["--spill-dir", args.spill_dir]
+    sizes = [int(s) for s in args.sizes.split(",")]
     rows, results = [], []
-    for n in [int(s) for s in args.sizes.split(",")]:
-        common = ["--work-dir", work, "--device", args.device, "--mode", args.mode, "--threshold", str(args.threshold)]
-        # generation and measurement in separate processes: peak RSS is the selection's own
-        subprocess.run([sys.executable, __file__, "--generate", str(n)] + common, check=True)
-        out = subprocess.run([sys.executable, __file__, "--measure", str(n)] + common, capture_output=True, text=True)
-        for name in (f"features_{n}.npy", f"labels_{n}.npy"):
-            os.remove(os.path.join(work, name))
-        if out.returncode:
-            sys.exit(out.stderr)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(r)
-        rows.append([n, r["identities"], r["wall_s"], r["faces_per_s"], r["peak_rss_mb"], r["read_s"], r["matmul_s"],
-                     r["ratio_to_bound"], r["passes"], r["kept_fraction"]])
-    text = table(["faces", "identities", "wall s", "faces/s", "peak RSS MB", "read s", "matmul s", "wall/bound",
-                  "passes", "kept"], rows)
-    # linear fit of wall time in N (the work per identity does not grow with N)
-    ns = np.array([r["n"] for r in results], float)
-    ws = np.array([r["wall_s"] for r in results])
-    slope, intercept = np.polyfit(ns, ws, 1) if len(ns) > 1 else (ws[0] / ns[0], 0.0)
-    extrapolated = slope * 42.5e6 + intercept
-    print(f"\nextrapolated to 42.5M faces: {extrapolated / 3600:.2f} h on this machine "
-          f"(linear fit of wall time in N: {slope * 1e6:.3f} s per 1M faces + {intercept:.1f} s)")
-    suffix = "_gpu" if args.device.startswith("cuda") else ""
-    save(f"select_scale_{args.mode}{suffix}", {"mode": args.mode, "device": args.device, "results": results, "table": text,
-                                       "extrapolated_42_5M_s": extrapolated,
-                                       "extrapolation": "linear least-squares fit of wall time against N"})
+    for src in ([args.big] if args.big else sizes):
+        if not os.path.exists(os.path.join(work, f"features_{src}.npy")):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--generate", str(src)] + common, check=True)
+            print(f"generated {src} faces in {time.perf_counter() - t0:.0f} s", flush=True)
+        for n in (sizes if args.big else [src]):
+            extra = ["--big", str(args.big)] if args.big else []
+            # each measurement in its own process: peak memory is the selection's own
+            out = subprocess.run([sys.executable, __file__, "--measure", str(n)] + extra + common,
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(r)
+            rows.append([n, r["identities"], "memory" if r["in_memory"] else "out of core", r["source"], r["wall_s"],
+                         r["peak_anon_mb"], r["disk_read_gb"], r["read_s"], r["matmul_s"], r["ratio_to_bound"],
+                         r["passes"], r["kept_fraction"]])
+            print(json.dumps(r), flush=True)
+        if not args.keep_files:
+            for name in (f"features_{src}.npy", f"labels_{src}.npy"):
+                os.remove(os.path.join(work, name))
+    text = table(["faces", "identities", "file", "read as", "wall s", "peak anon MB", "disk read GB", "read s",
+                  "matmul s", "wall/bound", "passes", "kept"], rows)
+    suffix = ("_big" if args.big else "") + ("_gpu" if args.device.startswith("cuda") else "")
+    save(args.name or f"select_scale_{args.mode}{suffix}", {"mode": args.mode, "device": args.device,
+                                                             "results": results, "table": text})
 
 
 if __name__ == "__main__":

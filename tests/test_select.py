@@ -111,10 +111,15 @@ def test_invariants_and_determinism_on_shuffled_memmap(tmp_path):
     mm.flush()
     mm = np.load(tmp_path / "features.npy", mmap_mode="r")
     t = safe_threshold(feats, labels, 0.7)
-    a = select_core_set(mm, sl, threshold=t, chunk_rows=64, workdir=str(tmp_path), regroup=True)
-    b = select_core_set(mm, sl, threshold=t, chunk_rows=1000, workdir=str(tmp_path), regroup=False)
-    assert np.array_equal(a.keep, b.keep)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"], "temporary grouped copy left behind"
+    # budgets of a few hundred rows: several buckets, several blocks per bucket
+    budget = 300 * sf.shape[1] * 2
+    a = select_core_set(mm, sl, threshold=t, chunk_rows=64, source="spill", spill_dir=str(tmp_path),
+                        memory_budget=budget)
+    assert a.source == "spill"
+    b = select_core_set(mm, sl, threshold=t, chunk_rows=1000, source="memory")
+    c = select_core_set(mm, sl, threshold=t, chunk_rows=64, source="passes", memory_budget=budget)
+    assert np.array_equal(a.keep, b.keep) and np.array_equal(a.keep, c.keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"], "temporary file left behind"
     check_invariants(sf, sl, a)
     assert np.array_equal(a.keep, brute_force(sf, sl, t))
     assert np.array_equal(a.keep, select_core_set(sf, sl, threshold=t).keep)  # in memory, no regrouping
@@ -204,20 +209,26 @@ def test_bad_inputs():
         select_core_set(feats, labels, threshold=0.5, centers=np.zeros((1, 3)))
 
 
-def test_both_nms_evaluations_agree():
+def test_threshold_grid_equals_one_threshold_at_a_time():
     import torch
-    from plugins.face_nms.select import _Engine
+    from plugins.face_nms.nms import greedy_nms, over_masks
     rng = np.random.default_rng(0)
     for m in (2, 7, 40):
         X = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((30, m, 8)).astype(np.float32)), dim=2)
-        valid = torch.from_numpy(rng.random((30, m)) < 0.8)
-        X = X * valid[..., None]
-        ts = np.array([-0.2, 0.1, 0.3, 0.6])
         S = torch.bmm(X, X.transpose(1, 2))
-        a = _Engine.nms(S, valid, ts, fixed_point=True)
-        b = _Engine.nms(S, valid, ts, fixed_point=False)
-        assert torch.equal(a, b)
-        assert not torch.equal(a[0], a[-1])
+        ts = np.sort(rng.uniform(-0.5, 0.9, 64))
+        grid = greedy_nms(over_masks(S, ts), len(ts))
+        for bit, t in enumerate(ts):
+            one = greedy_nms(over_masks(S, [t]), 1)
+            assert torch.equal((grid >> bit) & 1, one)
+            # plain greedy NMS, identity by identity
+            for b in range(len(S)):
+                kept = []
+                for i in range(m):
+                    if all(S[b, j, i] <= np.float32(t) for j in kept):
+                        kept.append(i)
+                assert one[b].nonzero().ravel().tolist() == kept
+        assert not torch.equal(grid & 1, (grid >> 63) & 1)
 
 
 @pytest.mark.parametrize("order", ["hard-first", "easy-first"])

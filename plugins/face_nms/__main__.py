@@ -72,8 +72,8 @@ def cmd_extract(args):
 
 def cmd_select(args):
     from .extract import load_features
-    from .recordio_index import image_records, write_idx
-    from .report import write_report
+    from .recordio_index import image_records
+    from .report import write_selection
     from .select import run_method
     if (args.ratio is None) == (args.threshold is None) and args.method in ("nms", "local"):
         sys.exit("select: give --ratio R or --threshold T")
@@ -81,7 +81,9 @@ def cmd_select(args):
     centers = np.load(args.centers) if args.centers else None
     kw = dict(seed=args.seed)
     if args.method != "random":
-        kw.update(device=args.device, chunk_rows=args.chunk_rows, centers=centers)
+        kw.update(device=args.device, chunk_rows=args.chunk_rows, centers=centers,
+                  spill_dir=args.tmp_dir or os.path.dirname(os.path.abspath(args.out)),
+                  log=lambda line: print(f"face_nms select: {line}", file=sys.stderr))
     if args.method in ("nms", "local"):
         kw.update(threshold=args.threshold, progress=True)
     try:
@@ -90,8 +92,7 @@ def cmd_select(args):
         raise ValueError(f"{args.features}: {exc}") from None
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
-    write_idx(args.out, rec_keys[sel.keep], rec_offsets[sel.keep])
-    info = write_report(args.out, sel, labels)
+    info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
           f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json")
@@ -148,6 +149,9 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None, help="torch device of the matrix products (default cuda if present)")
     s.add_argument("--chunk-rows", type=int, default=1 << 16, help="rows read per block")
+    s.add_argument("--tmp-dir", help="where features larger than memory are regrouped, through temporary files "
+                                     "deleted as they are made (default: the folder of --out; the free space is "
+                                     "checked first, else the features are read in several passes)")
     s.add_argument("--out", required=True, help="filtered .idx to write (e.g. <rec>/../train_facenms60.idx)")
     s.set_defaults(func=cmd_select)
 

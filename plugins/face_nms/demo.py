@@ -12,8 +12,6 @@ import time
 import numpy as np
 import torch
 
-from .recordio_index import write_idx
-
 
 def synthetic_faces(n_ids=40, seed=0, size=112, burst_every=3, burst_len=8):
     """(images uint8 N x size x size x 3 RGB, labels, burst flags): identities of 3..20 faces."""
@@ -112,7 +110,7 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     """Generates the set, extracts, selects at ``ratio`` and prints what was kept."""
     from .extract import TorchModel, extract_features, load_features
     from .recordio_index import image_records
-    from .report import write_report
+    from .report import write_selection
     from .select import select_core_set
 
     t0 = time.time()
@@ -130,8 +128,7 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     sel = select_core_set(feats, flabels, ratio=ratio)
     _, rec_keys, rec_offsets = image_records(rec_dir)
     idx_path = os.path.join(work_dir, f"train_facenms{int(round(ratio * 100))}.idx")
-    write_idx(idx_path, rec_keys[sel.keep], rec_offsets[sel.keep])
-    write_report(idx_path, sel, flabels)
+    write_selection(idx_path, rec_keys[sel.keep], rec_offsets[sel.keep], sel, flabels)
     kept_keys = set(fkeys[sel.keep].tolist())
     is_burst = dict(zip(keys.tolist(), burst.tolist()))
     lab_of = dict(zip(keys.tolist(), labels.tolist()))

@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from .files import atomic_output
+from .files import output_set
+from .recordio_index import write_idx
 
 
 def summary(sel, labels):
@@ -45,16 +46,30 @@ def _retention_by_size(labels, keep):
     return xs, ys
 
 
-def write_report(idx_path, sel, labels):
-    """Writes ``<idx>.json`` and ``<idx>_retention.png`` / ``<idx>_nn_cosine.png`` beside the index."""
+def report_paths(idx_path):
+    """The summary and plots written beside a filtered index."""
+    stem = os.path.splitext(idx_path)[0]
+    return [f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
+
+
+def write_selection(idx_path, keys, offsets, sel, labels):
+    """Writes the filtered index (``keys``/``offsets`` of the kept records) with its summary
+    ``<stem>.json`` and plots ``<stem>_retention.png``, ``<stem>_nn_cosine.png``, as one set:
+    an interruption leaves the previous set or the new one, never a mix."""
+    paths = [idx_path] + report_paths(idx_path)
+    with output_set(paths, ["", "", ".png", ".png"]) as (tmp_idx, tmp_json, tmp_retention, tmp_nn):
+        write_idx(tmp_idx, keys, offsets)
+        return _write_report(sel, labels, tmp_json, tmp_retention, tmp_nn)
+
+
+def _write_report(sel, labels, json_path, retention_path, nn_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = np.asarray(labels, np.int64)
-    stem = os.path.splitext(idx_path)[0]
     info = summary(sel, labels)
-    with atomic_output(f"{stem}.json") as tmp, open(tmp, "w") as f:
+    with open(json_path, "w") as f:
         json.dump(info, f, indent=1)
 
     xs, ys = _retention_by_size(labels, sel.keep)
@@ -67,7 +82,7 @@ def write_report(idx_path, sel, labels):
     ax.legend()
     ax.set_title("retention by identity size")
     fig.tight_layout()
-    _save(fig, f"{stem}_retention.png")
+    fig.savefig(retention_path, dpi=100)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     nn = _nn_cosines(sel)
@@ -76,14 +91,9 @@ def write_report(idx_path, sel, labels):
     if sel.threshold is not None:
         ax.axvline(sel.threshold, color="C3", ls="--", label=f"threshold {sel.threshold:.3f}")
         ax.legend()
-    ax.set_xlabel("cosine to the nearest kept face of the same identity")
+    ax.set_xlabel("cosine to the nearest kept face of the same identity (identity sample)")
     ax.set_ylabel("kept faces")
     fig.tight_layout()
-    _save(fig, f"{stem}_nn_cosine.png")
+    fig.savefig(nn_path, dpi=100)
     plt.close("all")
     return info
-
-
-def _save(fig, path):
-    with atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=100)
