@@ -463,3 +463,50 @@ def test_process_interrupted_by_sigint(tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     leftovers = [n for _, _, files in os.walk(tmp_path) for n in files if ".tmp-" in n]
     assert leftovers == []
+
+
+def test_folders_given_as_files_and_empty_out(data, capsys, tmp_path):
+    rec_file = os.path.join(data["rec"], "train.rec")
+    one_line(*cli(["stats", "--rec", rec_file], capsys), 1, rec_file, "folder")
+    one_line(*cli(["proxy-subset", "--rec", rec_file, "--ratio", "0.5", "--out", str(tmp_path / "p.idx")], capsys),
+             1, rec_file, "folder")
+    feat_file = os.path.join(data["feats"], "features.npy")
+    one_line(*cli(["select", "--features", feat_file, "--rec", data["rec"], "--ratio", "0.5", "--out",
+                   str(tmp_path / "s.idx")], capsys), 1, feat_file, "folder")
+    one_line(*cli(select(data, "--out", ""), capsys), 2, "--out", "empty")
+    one_line(*cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", ""], capsys), 2, "--out", "empty")
+    one_line(*cli(["extract", "--rec", data["rec"], "--out", "", "--onnx", data["centers"], "--device", "cpu"],
+                  capsys), 2, "--out", "empty")
+    assert not os.listdir(tmp_path)
+
+
+def test_output_file_that_cannot_be_replaced(data, capsys, tmp_path):
+    out = tmp_path / "s.idx"
+    out.write_text("0\t0\n")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        one_line(*cli(select(data, "--out", str(out)), capsys), 1, str(out), "choose another --out")
+        one_line(*cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", str(out)], capsys), 1,
+                 str(out))
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert out.read_text() == "0\t0\n"
+
+
+def test_process_hitting_the_file_size_limit(data, tmp_path):
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = str(tmp_path / "s.idx")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "plugins.face_nms", *select(data, "--out", out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("face_nms select: error:") and "File too large" in line and "ulimit" in line, line
+    assert "Traceback" not in r.stderr and ".tmp-" not in line
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]

@@ -65,7 +65,8 @@ def cmd_proxy_subset(args):
     guards.check_proxy_subset(args)
     index = read_index(args.rec)
     rows = random_subset(index.labels, args.ratio, args.seed)
-    write_idx(args.out, index.keys[rows], index.offsets[rows])
+    with guards.writing(args.out):
+        write_idx(args.out, index.keys[rows], index.offsets[rows])
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
           f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}")
 
@@ -116,8 +117,10 @@ def cmd_select(args):
         raise ValueError(f"{args.features}: {exc}") from None
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
-    write_idx(args.out, rec_keys[sel.keep], rec_offsets[sel.keep])
-    info = write_report(args.out, sel, labels)
+    with guards.writing(args.out):
+        write_idx(args.out, rec_keys[sel.keep], rec_offsets[sel.keep])
+    with guards.writing(f"the summary or plots beside {args.out}"):
+        info = write_report(args.out, sel, labels)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
           f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json")
@@ -193,6 +196,8 @@ def main(argv=None):
         p.exit(130, "interrupted\n")
     except (ValueError, OSError, FloatingPointError, MemoryError) as exc:
         # RecordIOError is a ValueError
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            exc.filename = getattr(args, "out", None) or getattr(args, "work_dir", None)
         sys.exit(f"{name}: error: {guards.describe(exc)}")
 
 

@@ -5,6 +5,7 @@ input, outputs that cannot be written, input files that cannot be read.
 (``ValueError``, ``OSError``: exit status 1) are about the files it names.
 """
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -134,13 +135,24 @@ def selection_outputs(out):
 
 def writable_file(path, option="--out"):
     """An output file: not a folder, in an existing folder this process can create files in."""
-    if os.path.isdir(path):
+    if not path:
+        raise UsageError(f"{option} is empty: give a file name")
+    if os.path.isdir(path) or path.endswith(os.sep):
         raise IsADirectoryError(f"{option} {path} is a folder: give a file name in it")
     _writable_folder(os.path.dirname(os.path.abspath(path)), option, path, create=False)
+    if os.path.exists(path):
+        try:
+            open(path, "r+b").close()  # opens for writing, changes nothing
+        except PermissionError as exc:
+            if exc.errno == errno.EPERM:  # immutable or append-only: even root cannot replace it
+                raise PermissionError(f"{option} {path} cannot be replaced ({exc.strerror}); choose another "
+                                      f"{option}") from None
 
 
 def writable_folder(path, option="--out"):
     """An output folder: not a file; it, or the nearest existing folder above it, is writable."""
+    if not path:
+        raise UsageError(f"{option} is empty: give a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{option} {path} is a file: give a folder")
     _writable_folder(os.path.abspath(path), option, path, create=True)
@@ -217,14 +229,26 @@ def check_feature_folder(feature_dir):
             raise ValueError(f"{path} is not a .npy array file ({exc}); the extraction is damaged: {again}") from None
 
 
+def rec_folder(rec_dir):
+    if os.path.isfile(rec_dir):
+        raise NotADirectoryError(f"--rec {rec_dir} is a file: give the folder holding train.rec and train.idx")
+
+
+def feature_folder(feature_dir):
+    if os.path.isfile(feature_dir):
+        raise NotADirectoryError(f"--features {feature_dir} is a file: give the folder written by extract")
+
+
 # ---- per command ----
 
 def check_stats(args):
+    rec_folder(args.rec)
     if args.index:
         input_file(args.index, "--index", ".idx file")
 
 
 def check_proxy_subset(args):
+    rec_folder(args.rec)
     refuse_replacing([args.out], dataset_files(args.rec))
     writable_file(args.out)
 
@@ -239,6 +263,8 @@ def check_select(args):
         raise UsageError(f"--method {args.method} keeps a fraction of each identity: give --ratio R "
                          f"and no --threshold")
     check_device(args.device)
+    rec_folder(args.rec)
+    feature_folder(args.features)
     outputs = selection_outputs(args.out)
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
@@ -270,6 +296,9 @@ def check_extract(args):
         raise UsageError(f"--chunk-rows {args.chunk_rows} is smaller than --batch-size {args.batch_size}; "
                          f"a chunk holds whole batches: raise --chunk-rows or lower --batch-size")
     check_device(args.device)
+    rec_folder(args.rec)
+    if not args.out:
+        raise UsageError("--out is empty: give a folder")
     out = os.path.abspath(args.out)
     rec = os.path.realpath(args.rec)
     if os.path.isdir(out) and (same_file(out, rec) or rec.startswith(os.path.realpath(out).rstrip(os.sep) + os.sep)):
@@ -305,7 +334,18 @@ def check_demo(args):
 _HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
           errno.EACCES: "check the permissions or choose another path", errno.EPERM: "check the permissions or "
           "choose another path", errno.EROFS: "the filesystem is read-only: choose another path",
-          errno.ENOENT: "check the path"}
+          errno.ENOENT: "check the path", errno.EFBIG: "the file size limit (ulimit -f) is too small for it"}
+
+
+@contextlib.contextmanager
+def writing(name):
+    """Names ``name`` in an OSError raised without a file name (a write to an open file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            exc.filename = name
+        raise
 
 
 def describe(exc):
