@@ -121,7 +121,8 @@ def refuse_replacing(outputs, inputs, option="--out"):
         for path, what in inputs:
             if same_file(out, path):
                 via = "" if out == outputs[0] else f" would write {out}, which"
-                raise UsageError(f"{option} {outputs[0]}{via} is {what} ({path}): writing it would replace an "
+                where = "" if out == path else f" ({path})"
+                raise UsageError(f"{option} {outputs[0]}{via} is {what}{where}: writing it would replace an "
                                  f"input; choose another {option}")
 
 
@@ -200,8 +201,8 @@ def load_centers(path):
     norms = np.linalg.norm(centers, axis=1)
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if len(bad):
-        raise ValueError(f"--centers {path}: row {int(bad[0])} (of {len(bad)} such rows) is not finite or is all "
-                         f"zero, so it has no direction; fix the centers or leave --centers out")
+        raise ValueError(f"--centers {path}: {len(bad)} row(s), the first row {int(bad[0])}, are not finite or all "
+                         f"zero, so they have no direction; fix the centers or leave --centers out")
     return centers
 
 
@@ -243,8 +244,8 @@ def feature_folder(feature_dir):
 
 def check_stats(args):
     rec_folder(args.rec)
-    if args.index:
-        input_file(args.index, "--index", ".idx file")
+    if args.index and os.path.isdir(args.index):
+        raise IsADirectoryError(f"--index {args.index} is a folder: give the .idx file")
 
 
 def check_proxy_subset(args):
@@ -303,8 +304,10 @@ def check_extract(args):
     rec = os.path.realpath(args.rec)
     if os.path.isdir(out) and (same_file(out, rec) or rec.startswith(os.path.realpath(out).rstrip(os.sep) + os.sep)):
         # the folder is extract's own (resume state, progress/, cleared to start again): never the dataset's
-        raise UsageError(f"--out {args.out} holds the dataset {args.rec}; give extract a folder of its own, "
-                         f"e.g. {os.path.join(args.out, 'features') if not same_file(out, rec) else args.out + '_features'}")
+        what, example = (("is", args.out.rstrip(os.sep) + "_features") if same_file(out, rec) else
+                         ("holds", os.path.join(args.out, "features")))
+        raise UsageError(f"--out {args.out} {what} the dataset folder {args.rec}; give extract a folder of its own, "
+                         f"e.g. {example}")
     inputs = dataset_files(args.rec) + [(p, f"the model {p}") for p in (args.checkpoint, args.onnx) if p]
     written = [os.path.join(args.out, name) for name in FEATURE_FILES + EXTRACT_STATE]
     refuse_replacing([args.out] + written, inputs)
