@@ -1,22 +1,49 @@
 """python -m plugins.face_nms {stats,proxy-subset,extract,select,demo}"""
 import argparse
+import copy
 import os
+import signal
 import sys
 
 import numpy as np
 
+from . import guards
 
-def _ratio(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
-    return value
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, and every default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{_name(self.prog)}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _format_action(self, action):
+        if action.help is None and self._has_default(action):
+            # argparse prints nothing after an option without help, its default included
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return super()._get_help_string(action) if self._has_default(action) else action.help
+
+    @staticmethod
+    def _has_default(action):
+        return (bool(action.option_strings) and not action.required and action.default is not None
+                and action.default is not False and action.default != argparse.SUPPRESS)
+
+
+def _name(prog):
+    return prog.replace("python -m plugins.", "")
 
 
 def cmd_stats(args):
+    guards.check_stats(args)
     from .recordio_index import load_filtered_index, read_index
     index = read_index(args.rec)
     labels = index.labels
@@ -36,14 +63,17 @@ def cmd_stats(args):
 def cmd_proxy_subset(args):
     from .proxy_subset import random_subset
     from .recordio_index import read_index, write_idx
+    guards.check_proxy_subset(args)
     index = read_index(args.rec)
     rows = random_subset(index.labels, args.ratio, args.seed)
-    write_idx(args.out, index.keys[rows], index.offsets[rows])
+    with guards.writing(args.out):
+        write_idx(args.out, index.keys[rows], index.offsets[rows])
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
           f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}")
 
 
 def cmd_extract(args):
+    guards.check_extract(args)
     import torch
     from .extract import OnnxModel, extract_features, load_checkpoint_model
     if bool(args.onnx) == bool(args.checkpoint):
@@ -75,10 +105,8 @@ def cmd_select(args):
     from .recordio_index import image_records
     from .report import write_selection
     from .select import run_method
-    if (args.ratio is None) == (args.threshold is None) and args.method in ("nms", "local"):
-        sys.exit("select: give --ratio R or --threshold T")
+    centers = guards.check_select(args)
     feats, labels, keys, meta = load_features(args.features, args.rec)
-    centers = np.load(args.centers) if args.centers else None
     kw = dict(seed=args.seed)
     if args.method != "random":
         kw.update(device=args.device, chunk_rows=args.chunk_rows, centers=centers,
@@ -92,7 +120,8 @@ def cmd_select(args):
         raise ValueError(f"{args.features}: {exc}") from None
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
-    info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels)
+    with guards.writing(f"{args.out} or the summary and plots beside it"):
+        info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
           f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json")
@@ -101,12 +130,13 @@ def cmd_select(args):
 
 def cmd_demo(args):
     from .demo import run_demo
+    guards.check_demo(args)
     run_demo(args.work_dir, ratio=args.ratio)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m plugins.face_nms", description=__doc__.splitlines()[0] +
-                                ": Face-NMS core-set selection for arcface_torch RecordIO datasets.")
+    p = _Parser(prog="python -m plugins.face_nms", description=__doc__.splitlines()[0] +
+                  ": Face-NMS core-set selection for arcface_torch RecordIO datasets.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stats", help="count faces and identities of a RecordIO folder (or of a filtered index)")
@@ -116,8 +146,8 @@ def main(argv=None):
 
     s = sub.add_parser("proxy-subset", help="per-identity random sample for training the proxy model")
     s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
-    s.add_argument("--ratio", type=_ratio, required=True, help="fraction of each identity's faces (>= 1 kept)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ratio", type=guards.ratio, required=True, help="fraction of each identity's faces (>= 1 kept)")
+    s.add_argument("--seed", type=guards.seed, default=0)
     s.add_argument("--out", required=True, help="filtered .idx to write")
     s.set_defaults(func=cmd_proxy_subset)
 
@@ -140,15 +170,15 @@ def main(argv=None):
     s = sub.add_parser("select", help="Face-NMS selection, written as a filtered .idx + summary + plots")
     s.add_argument("--features", required=True, help="folder written by extract")
     s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
-    s.add_argument("--ratio", type=_ratio, help="kept fraction wanted (the threshold is searched)")
-    s.add_argument("--threshold", type=float, help="NMS cosine threshold")
+    s.add_argument("--ratio", type=guards.ratio, help="kept fraction wanted (the threshold is searched)")
+    s.add_argument("--threshold", type=guards.threshold, help="NMS cosine threshold, in [-1, 1]")
     s.add_argument("--method", default="nms", choices=["nms", "random", "global", "local"],
                    help="nms (Face-NMS), or an ablation: random, global (rank only), local (NMS in random order)")
     s.add_argument("--order", default="hard-first", choices=["hard-first", "easy-first", "random"])
     s.add_argument("--centers", help=".npy of num_classes x d identity centers (e.g. PartialFC weights)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None, help="torch device of the matrix products (default cuda if present)")
-    s.add_argument("--chunk-rows", type=int, default=1 << 16, help="rows read per block")
+    s.add_argument("--seed", type=guards.seed, default=0)
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device of the matrix products")
+    s.add_argument("--chunk-rows", type=guards.positive, default=1 << 16, help="rows read per block")
     s.add_argument("--tmp-dir", help="where features larger than memory are regrouped, through temporary files "
                                      "deleted as they are made (default: the folder of --out; the free space is "
                                      "checked first, else the features are read in several passes)")
@@ -157,15 +187,31 @@ def main(argv=None):
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")
-    s.add_argument("--ratio", type=_ratio, default=0.6)
+    s.add_argument("--ratio", type=guards.ratio, default=0.6)
     s.set_defaults(func=cmd_demo)
 
     args = p.parse_args(argv)
-    from .recordio_index import RecordIOError
+    name = f"face_nms {args.command}"
+    previous = signal.signal(signal.SIGTERM, _terminated) if argv is None else None
     try:
-        args.func(args)
-    except (RecordIOError, ValueError, FileNotFoundError, FloatingPointError) as exc:
-        sys.exit(f"face_nms {args.command}: error: {exc}")
+        return args.func(args)
+    except guards.UsageError as exc:
+        p.exit(2, f"{name}: error: {guards.describe(exc)}\n")
+    except KeyboardInterrupt:
+        p.exit(130, "interrupted\n")
+    except (ValueError, OSError, FloatingPointError, MemoryError) as exc:
+        # RecordIOError is a ValueError
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            exc.filename = getattr(args, "out", None) or getattr(args, "work_dir", None)
+        sys.exit(f"{name}: error: {guards.describe(exc)}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    # unwinds like Ctrl-C, so that temporary files are removed on the way out
+    raise KeyboardInterrupt
 
 
 def _cuda():

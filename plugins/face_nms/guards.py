@@ -1,0 +1,369 @@
+"""Checks the command line runs before any work: option values, outputs that would replace an
+input, outputs that cannot be written, input files that cannot be read.
+
+``UsageError`` (exit status 2) is a command line that is wrong by itself; the other errors
+(``ValueError``, ``OSError``: exit status 1) are about the files it names.
+"""
+import argparse
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+
+FEATURE_FILES = ("features.npy", "labels.npy", "keys.npy", "meta.json")
+# what extract writes into its --out folder besides FEATURE_FILES
+EXTRACT_STATE = ("features.npy.partial", "run.json", "progress")
+
+
+class UsageError(Exception):
+    """A command line that cannot be right whatever the files hold."""
+
+
+# ---- option types (argparse turns their ArgumentTypeError into a usage error) ----
+
+def ratio(text):
+    """r, the kept fraction: a number in (0, 1]."""
+    value = _number(text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
+def threshold(text):
+    """T, the NMS cosine threshold: a cosine, in [-1, 1]."""
+    value = _number(text, "a cosine in [-1, 1]")
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
+    return value
+
+
+def seed(text):
+    value = _integer(text, "a non-negative integer below 2**63")
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer below 2**63, got {text}")
+    return value
+
+
+def positive(text):
+    value = _integer(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _number(text, what):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def _integer(text, what):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def check_device(device, option="--device"):
+    """A torch device this machine has."""
+    if device is None:
+        return
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {device}: this machine has no usable CUDA GPU; use {option} cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif d.type != "cpu":
+        raise UsageError(f"{option} {device}: use cpu, cuda or cuda:N")
+
+
+# ---- no output may replace an input ----
+
+def same_file(a, b):
+    """Whether writing ``a`` could replace ``b``: the same path once resolved, or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def dataset_files(rec_dir):
+    return [(os.path.join(rec_dir, "train.rec"), "the dataset's train.rec"),
+            (os.path.join(rec_dir, "train.idx"), "the dataset's train.idx")]
+
+
+def feature_files(feature_dir):
+    return [(os.path.join(feature_dir, name), f"the features' {name}") for name in FEATURE_FILES]
+
+
+def refuse_replacing(outputs, inputs, option="--out"):
+    """UsageError when an output path resolves to an input. ``outputs`` are paths the command
+    would write, the first being ``option`` itself; ``inputs`` are (path, description) pairs."""
+    for out in outputs:
+        for path, what in inputs:
+            if same_file(out, path):
+                via = "" if out == outputs[0] else f" would write {out}, which"
+                where = "" if out == path else f" ({path})"
+                raise UsageError(f"{option} {outputs[0]}{via} is {what}{where}: writing it would replace an "
+                                 f"input; choose another {option}")
+
+
+def selection_outputs(out):
+    """The files ``select --out`` writes: the index, its summary and two plots beside it."""
+    stem = os.path.splitext(out)[0]
+    return [out, f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
+
+
+# ---- outputs that can be written ----
+
+def writable_file(path, option="--out"):
+    """An output file: not a folder, in an existing folder this process can create files in."""
+    if not path:
+        raise UsageError(f"{option} is empty: give a file name")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise IsADirectoryError(f"{option} {path} is a folder: give a file name in it")
+    _writable_folder(os.path.dirname(os.path.abspath(path)), option, path, create=False)
+    if os.path.exists(path):
+        try:
+            open(path, "r+b").close()  # opens for writing, changes nothing
+        except PermissionError as exc:
+            if exc.errno == errno.EPERM:  # immutable or append-only: even root cannot replace it
+                raise PermissionError(f"{option} {path} cannot be replaced ({exc.strerror}); choose another "
+                                      f"{option}") from None
+
+
+def writable_folder(path, option="--out"):
+    """An output folder: not a file; it, or the nearest existing folder above it, is writable."""
+    if not path:
+        raise UsageError(f"{option} is empty: give a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{option} {path} is a file: give a folder")
+    _writable_folder(os.path.abspath(path), option, path, create=True)
+
+
+def _writable_folder(folder, option, path, create):
+    probe_in = folder
+    if create:
+        while not os.path.exists(probe_in):
+            probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        if os.path.exists(probe_in):
+            raise NotADirectoryError(f"{option} {path}: {probe_in} is a file, not a folder")
+        raise FileNotFoundError(f"{option} {path}: folder {probe_in} does not exist; create it first or "
+                                f"choose another {option}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".face_nms-write-test-", dir=probe_in)
+    except OSError as exc:
+        raise PermissionError(f"{option} {path}: folder {probe_in} is not writable ({exc.strerror}); "
+                              f"choose a writable folder") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+# ---- input files that can be read ----
+
+def input_file(path, option, what="file"):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path} is a folder: give the {what}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path} not found: check the path")
+
+
+def load_centers(path):
+    """C, the num_classes x d identity centers of ``--centers``: a finite 2-D .npy, no zero row."""
+    input_file(path, "--centers", ".npy file")
+    try:
+        centers = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"--centers {path} is not a .npy array file ({exc}); save the centers with numpy.save")
+    if centers.ndim != 2 or not np.issubdtype(centers.dtype, np.number):
+        raise ValueError(f"--centers {path} holds a {centers.dtype} array of shape {centers.shape}; it must be "
+                         f"num_classes x d numbers")
+    centers = np.asarray(centers, np.float32)
+    norms = np.linalg.norm(centers, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if len(bad):
+        raise ValueError(f"--centers {path}: {len(bad)} row(s), the first row {int(bad[0])}, are not finite or all "
+                         f"zero, so they have no direction; fix the centers or leave --centers out")
+    return centers
+
+
+def check_feature_folder(feature_dir):
+    """A finished extraction's files can be read: meta.json is a JSON object with a count, the
+    arrays are .npy files. A missing features.npy or meta.json is left to ``load_features``."""
+    meta_path = os.path.join(feature_dir, "meta.json")
+    if not (os.path.isfile(meta_path) and os.path.exists(os.path.join(feature_dir, "features.npy"))):
+        return
+    again = "extract again into a new folder"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}); the extraction is damaged: {again}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("count"), int):
+        raise ValueError(f"{meta_path} has no integer 'count' of features; the extraction is damaged: {again}")
+    for name in FEATURE_FILES[:3]:
+        path = os.path.join(feature_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing; the extraction is incomplete: {again}")
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"{path} is not a .npy array file ({exc}); the extraction is damaged: {again}") from None
+
+
+def rec_folder(rec_dir):
+    if os.path.isfile(rec_dir):
+        raise NotADirectoryError(f"--rec {rec_dir} is a file: give the folder holding train.rec and train.idx")
+
+
+def feature_folder(feature_dir):
+    if os.path.isfile(feature_dir):
+        raise NotADirectoryError(f"--features {feature_dir} is a file: give the folder written by extract")
+
+
+# ---- per command ----
+
+def check_stats(args):
+    rec_folder(args.rec)
+    if args.index and os.path.isdir(args.index):
+        raise IsADirectoryError(f"--index {args.index} is a folder: give the .idx file")
+
+
+def check_proxy_subset(args):
+    rec_folder(args.rec)
+    refuse_replacing([args.out], dataset_files(args.rec))
+    writable_file(args.out)
+
+
+def check_select(args):
+    """Everything ``select`` can know before reading the features; returns the centers."""
+    if args.method in ("nms", "local"):
+        if (args.ratio is None) == (args.threshold is None):
+            raise UsageError(f"--method {args.method} needs exactly one of --ratio R (the kept fraction) or "
+                             f"--threshold T (the NMS cosine)")
+    elif args.ratio is None or args.threshold is not None:
+        raise UsageError(f"--method {args.method} keeps a fraction of each identity: give --ratio R "
+                         f"and no --threshold")
+    check_device(args.device)
+    rec_folder(args.rec)
+    feature_folder(args.features)
+    outputs = selection_outputs(args.out)
+    inputs = dataset_files(args.rec) + feature_files(args.features)
+    if args.centers:
+        inputs.append((args.centers, "the --centers file"))
+    refuse_replacing(outputs, inputs)
+    if os.path.normcase(os.path.abspath(outputs[0])) == os.path.normcase(os.path.abspath(outputs[1])):
+        raise UsageError(f"--out {args.out} would be replaced by its own summary {outputs[1]}; name the index "
+                         f"with .idx")
+    for path in outputs:
+        writable_file(path, "--out" if path == args.out else f"--out {args.out}: output")
+    if args.tmp_dir:
+        if not os.path.isdir(args.tmp_dir):
+            raise NotADirectoryError(f"--tmp-dir {args.tmp_dir} is not a folder: give an existing folder")
+        _writable_folder(os.path.abspath(args.tmp_dir), "--tmp-dir", args.tmp_dir, create=False)
+    check_feature_folder(args.features)
+    return load_centers(args.centers) if args.centers else None
+
+
+def check_extract(args):
+    """Model and number options, and an --out folder of its own, writable, holding no input."""
+    if bool(args.onnx) == bool(args.checkpoint):
+        raise UsageError("give --checkpoint model.pt --network NAME (arcface_torch) or --onnx model.onnx, "
+                         "one of the two")
+    if args.checkpoint and not args.network:
+        raise UsageError("--checkpoint needs --network, the arcface_torch name of its network (r18, r50, r100, "
+                         "mbf, ...)")
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--chunk-rows", args.chunk_rows, 1),
+                                 ("--embedding-size", args.embedding_size, 1), ("--workers", args.workers, 0),
+                                 ("--max-chunks", args.max_chunks, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{option} must be {'a positive' if least else 'a non-negative'} integer, got {value}")
+    if args.chunk_rows < args.batch_size:
+        raise UsageError(f"--chunk-rows {args.chunk_rows} is smaller than --batch-size {args.batch_size}; "
+                         f"a chunk holds whole batches: raise --chunk-rows or lower --batch-size")
+    check_device(args.device)
+    rec_folder(args.rec)
+    if not args.out:
+        raise UsageError("--out is empty: give a folder")
+    out = os.path.abspath(args.out)
+    rec = os.path.realpath(args.rec)
+    if os.path.isdir(out) and (same_file(out, rec) or rec.startswith(os.path.realpath(out).rstrip(os.sep) + os.sep)):
+        # the folder is extract's own (resume state, progress/, cleared to start again): never the dataset's
+        what, example = (("is", args.out.rstrip(os.sep) + "_features") if same_file(out, rec) else
+                         ("holds", os.path.join(args.out, "features")))
+        raise UsageError(f"--out {args.out} {what} the dataset folder {args.rec}; give extract a folder of its own, "
+                         f"e.g. {example}")
+    inputs = dataset_files(args.rec) + [(p, f"the model {p}") for p in (args.checkpoint, args.onnx) if p]
+    written = [os.path.join(args.out, name) for name in FEATURE_FILES + EXTRACT_STATE]
+    refuse_replacing([args.out] + written, inputs)
+    writable_folder(args.out)
+    model = args.checkpoint or args.onnx
+    input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
+
+
+DEMO_NAMES = ("faces", "features")
+
+
+def check_demo(args):
+    """--work-dir: a new or empty folder, or one an earlier demo wrote."""
+    if not args.work_dir:
+        return
+    writable_folder(args.work_dir, "--work-dir")
+    if os.path.isdir(args.work_dir):
+        foreign = sorted(n for n in os.listdir(args.work_dir)
+                         if n not in DEMO_NAMES and not n.startswith("train_facenms"))
+        if foreign:
+            raise FileExistsError(f"--work-dir {args.work_dir} holds files the demo did not write "
+                                  f"({', '.join(foreign[:3])}); give a new or empty folder")
+
+
+# ---- one line for any error ----
+
+_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+          errno.EACCES: "check the permissions or choose another path", errno.EPERM: "check the permissions or "
+          "choose another path", errno.EROFS: "the filesystem is read-only: choose another path",
+          errno.ENOENT: "check the path", errno.EFBIG: "the file size limit (ulimit -f) is too small for it"}
+
+
+@contextlib.contextmanager
+def writing(name):
+    """Names ``name`` in an OSError raised without a file name (a write to an open file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            exc.filename = name
+        raise
+
+
+def describe(exc):
+    """One line for ``exc``: the file and what to do."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # a temporary name beside an output says less than the output's own name
+        name = re.sub(r"\.tmp-\d+(\.\w+)?$", "", str(exc.filename2 or exc.filename))
+        hint = _HINTS.get(exc.errno)
+        text = f"{name}: {exc.strerror}" + (f"; {hint}" if hint else "")
+    elif isinstance(exc, MemoryError):
+        text = f"out of memory ({exc}); the input is larger than this machine can hold"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
