@@ -257,8 +257,8 @@ class FastFace(LRScheduler):
         ``reduce_loss`` is this process's own choice and is kept."""
         needed = HYPER_PARAMETERS[:-1] + ("seen", "loss_prev", "d1", "d2", "count", "decays", "pending")
         if not isinstance(state_dict, dict) or any(k not in state_dict for k in needed):
-            missing = ", ".join(k for k in needed if k not in state_dict) if isinstance(state_dict, dict) else \
-                f"a {type(state_dict).__name__}"
+            missing = "missing " + ", ".join(k for k in needed if k not in state_dict) \
+                if isinstance(state_dict, dict) else f"a {type(state_dict).__name__}"
             raise ValueError(f"FastFace: the scheduler state to load is not a FastFace state ({missing}); "
                              f"resume from a checkpoint written with FastFace, or start the run afresh")
         saved = dict(state_dict)
