@@ -9,10 +9,28 @@ is evaluated with the authors' second-order recurrence
     D_t = w1 * D_{t-1} - w2 * D_{t-2} + w3 * (L_{t-1} - L_t)
 
 with w1 = 2 - alpha - beta, w2 = (1 - alpha)(1 - beta), w3 = alpha * beta.
+
+Start of the detector. The authors start the recurrence from D = alpha * (L_1 - L_2),
+1/beta times what the recurrence gives from a zero state: that first difference fades as
+alpha * t * (1 - alpha)^t and outweighs a real loss decrease for about 10/alpha steps,
+so with a patience T shorter than that a loss that rose at the first step decays the LR
+at step T + 2. ``reference_start=True`` keeps that start. The default fits a straight line
+(least squares) to the first K = ceil(2 / min(alpha, beta)) losses and starts the
+recurrence as if the loss had always followed it: both EMA states hold the line's
+decrease per step (the recurrence's fixed point for a linear loss) and the previous loss
+is the line's value at step K; stagnation is not counted during those K steps. Why a
+line: any start from one loss value lets that value's noise reach D_EMA with a weight
+of up to alpha/e (from a zero state; 1/e from the reference start), more than lambda for
+a loss with noise 0.3, while the fitted slope's noise is sigma * sqrt(12 / K^3)
+(1.2e-5 for sigma = 0.3 and K = 2000) and a fitted level's ~2 sigma / sqrt(K). A zero
+state with a warm-up of 1/alpha or 2/alpha steps still decayed early in 20 to 50% of
+noise draws on a loss falling at 2 lambda per step; the fitted start in none.
 """
 import math
+import numbers
 import warnings
 
+import numpy as np
 import torch
 from torch import distributed
 from torch.optim.lr_scheduler import LRScheduler
@@ -20,10 +38,44 @@ from torch.optim.lr_scheduler import LRScheduler
 from .registry import register_scheduler
 
 
-# The recurrence starts from D = alpha * (first loss difference): that term fades as
-# alpha * t * (1 - alpha)^t, so it outweighs a real loss decrease of ~1e-3 per step for
-# about 10/alpha steps; a patience T shorter than that lets it decide the first decay.
+# Reference start: the term alpha * (L_1 - L_2) outweighs a real loss decrease of ~1e-3 per
+# step for about 10/alpha steps; a patience T shorter than that lets it decide the first decay.
 WARMUP_SPAN = 10.0
+# Default start: the first FIT_SPAN / min(alpha, beta) losses are fitted by a line.
+FIT_SPAN = 2.0
+# the hyper-parameters a saved state must share with the scheduler that loads it
+HYPER_PARAMETERS = ("total_steps", "alpha", "beta", "threshold", "tolerance", "decay", "max_decays",
+                    "reference_start")
+
+
+def _real(name, value, meaning):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"FastFace: {name} {meaning}, got {value!r}")
+    return float(value)
+
+
+def _whole(name, value, meaning, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or value < low:
+        raise ValueError(f"FastFace: {name} {meaning}, got {value!r}")
+    return int(value)
+
+
+def _loss_value(loss):
+    """The loss as a float, or TypeError naming what was given."""
+    what = repr(loss) if not isinstance(loss, str) or len(loss) <= 40 else repr(loss[:40] + "...")
+    if isinstance(loss, torch.Tensor):
+        what = f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+        if loss.numel() == 1 and not loss.is_complex() and loss.dtype != torch.bool:
+            return float(loss.item())
+    elif isinstance(loss, np.ndarray):
+        what = f"a {loss.dtype} array of shape {loss.shape}"
+        if loss.size == 1 and loss.dtype.kind in "fiu":
+            return float(loss.item())
+    elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"FastFace.step(loss): the loss must be a real number (the float loss.item() gives), "
+                    f"got {what}")
 
 
 class FastFace(LRScheduler):
@@ -31,56 +83,72 @@ class FastFace(LRScheduler):
 
     Args:
         optimizer: the wrapped optimizer; every param group is scaled alike.
-        total_steps: number of training steps of the run (``cfg.total_step``).
-        alpha: alpha, rate of the first EMA.
-        beta: beta, rate of the second EMA.
-        threshold: lambda, a smoothed loss decrease below it counts as stagnation.
-        tolerance: tau, stagnation steps allowed before a decay, as a fraction of
+        total_steps: number of training steps of the run (``cfg.total_step``), >= 1.
+        alpha: alpha, rate of the first EMA, in (0, 1).
+        beta: beta, rate of the second EMA, in (0, 1).
+        threshold: lambda >= 0, a smoothed loss decrease below it counts as stagnation.
+        tolerance: tau in (0, 1], stagnation steps allowed before a decay, as a fraction of
             ``total_steps``.
-        decay: delta, the learning rate is divided by it at each decay.
-        max_decays: decays after this many are ignored (the LR stops falling).
+        decay: delta > 1, the learning rate is divided by it at each decay.
+        max_decays: decays after this many are ignored (the LR stops falling, ``decays``
+            stops counting).
         reduce_loss: average the loss over the ranks of an initialised process
             group before the detector sees it, so that every rank takes the same
             decisions even when its local losses differ. ``None`` (default) does
             so whenever the process group has more than one rank. The reduction
             runs on a CPU (gloo) group on a Python float: it adds no GPU
             synchronisation.
+        reference_start: start the recurrence as the authors do, from
+            D = alpha * (L_1 - L_2) (the LR sequence is then the reference's, step for
+            step); ``False`` (default): the fitted start of the module docstring.
 
     ``step(loss)`` takes the loss of the step just taken (a float, as read by
-    ``loss.item()``). A non-finite loss (fp16 overflow, NaN) applies the pending
-    decision and is otherwise ignored.
+    ``loss.item()``, or a one-element tensor). A non-finite loss (fp16 overflow, NaN)
+    applies the pending decision and is otherwise ignored.
     """
 
     takes_loss = True
 
     def __init__(self, optimizer, total_steps, alpha=1e-3, beta=1e-3, threshold=5e-5,
-                 tolerance=0.05, decay=2.0, max_decays=8, reduce_loss=None, last_epoch=-1):
-        if int(total_steps) < 1:
-            raise ValueError(f"FastFace: total_steps must be a positive step count, got {total_steps!r}")
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"FastFace: {name} is an EMA rate in (0, 1], got {value!r}")
-        if not 0.0 <= tolerance <= 1.0:
-            raise ValueError(f"FastFace: tolerance (tau) is a fraction of total_steps in [0, 1], got {tolerance!r}")
-        if decay <= 0:
-            raise ValueError(f"FastFace: decay (delta) must be positive, got {decay!r}")
-        if int(max_decays) < 0:
-            raise ValueError(f"FastFace: max_decays must be >= 0, got {max_decays!r}")
-        self.total_steps = int(total_steps)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.threshold = float(threshold)
-        self.tolerance = float(tolerance)
-        self.decay = float(decay)
-        self.max_decays = int(max_decays)
+                 tolerance=0.05, decay=2.0, max_decays=8, reduce_loss=None, reference_start=False,
+                 last_epoch=-1):
+        self.total_steps = _whole("total_steps", total_steps, "must be a whole number of steps >= 1 "
+                                  "(cfg.total_step)", 1)
+        self.alpha = _real("alpha", alpha, "is an EMA rate, a number in (0, 1)")
+        self.beta = _real("beta", beta, "is an EMA rate, a number in (0, 1)")
+        for name, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"FastFace: {name} is an EMA rate, a number in (0, 1), got {value!r}")
+        self.threshold = _real("threshold", threshold, "(lambda) must be a finite number >= 0")
+        if self.threshold < 0:
+            raise ValueError(f"FastFace: threshold (lambda) must be a finite number >= 0, got {threshold!r}")
+        self.tolerance = _real("tolerance", tolerance, "(tau) is a fraction of total_steps in (0, 1]")
+        if not 0.0 < self.tolerance <= 1.0:
+            raise ValueError(f"FastFace: tolerance (tau) is a fraction of total_steps in (0, 1], got {tolerance!r}")
+        self.decay = _real("decay", decay, "(delta) divides the LR: a finite number > 1")
+        if not self.decay > 1.0:
+            raise ValueError(f"FastFace: decay (delta) divides the LR: a finite number > 1, got {decay!r}")
+        self.max_decays = _whole("max_decays", max_decays, "must be a whole number >= 0", 0)
+        if reduce_loss not in (None, True, False):
+            raise ValueError(f"FastFace: reduce_loss must be None, True or False, got {reduce_loss!r}")
+        if reference_start not in (True, False):
+            raise ValueError(f"FastFace: reference_start must be True or False, got {reference_start!r}")
+        self.reference_start = bool(reference_start)
         self.patience = int(self.total_steps * self.tolerance)
-        if self.patience * min(self.alpha, self.beta) < WARMUP_SPAN:
+        rate = min(self.alpha, self.beta)
+        self.warmup = 0 if self.reference_start else math.ceil(FIT_SPAN / rate)
+        if self.reference_start and self.patience * rate < WARMUP_SPAN:
             warnings.warn(
                 f"FastFace: the tolerance T = {self.patience} steps is short against the detector's warm-up "
-                f"(about {WARMUP_SPAN:g}/alpha = {WARMUP_SPAN / min(self.alpha, self.beta):.0f} steps): "
+                f"(about {WARMUP_SPAN:g}/alpha = {WARMUP_SPAN / rate:.0f} steps): "
                 f"until then D_EMA follows the first loss difference, and if the loss rose at the first step "
-                f"the LR decays T+2 steps into the run. Give a run of this length a larger tolerance, or larger alpha "
-                f"and beta.", stacklevel=2)
+                f"the LR decays T+2 steps into the run. Give a run of this length a larger tolerance, or larger "
+                f"alpha and beta, or leave reference_start False.", stacklevel=2)
+        if 2 * self.warmup > self.total_steps:
+            warnings.warn(
+                f"FastFace: the detector's warm-up ({FIT_SPAN:g}/min(alpha, beta) = {self.warmup} steps) is more "
+                f"than half the run ({self.total_steps} steps): no decay can happen before step "
+                f"{self.warmup + self.patience + 2}. Give a run this short larger alpha and beta.", stacklevel=2)
         self.w1 = 2.0 - self.alpha - self.beta
         self.w2 = (1.0 - self.alpha) * (1.0 - self.beta)
         self.w3 = self.alpha * self.beta
@@ -92,6 +160,10 @@ class FastFace(LRScheduler):
         self.decays = 0
         self.pending = 1.0
         self.seen = 0
+        # default start: first loss, sums of y_j = L_j - L_1 and of j * y_j over the warm-up
+        self.fit_origin = 0.0
+        self.fit_y = 0.0
+        self.fit_jy = 0.0
         self._group = None
         self.reduce_loss = reduce_loss
         super().__init__(optimizer, last_epoch)
@@ -120,15 +192,13 @@ class FastFace(LRScheduler):
         return t.item() / distributed.get_world_size(group)
 
     def step(self, loss=None):
-        if loss is None:
-            if self._step_count == 0 or getattr(self, "_is_initial", False):
-                # the constructor's initial step: the LR is left untouched
-                self._step_count = 1
-                self.last_epoch += 1
-                self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-                return
-            raise TypeError("FastFace.step(loss) needs the loss of the step just taken (float)")
-        loss = self._reduce(float(loss))
+        if loss is None and (self._step_count == 0 or getattr(self, "_is_initial", False)):
+            # the constructor's initial step: the LR is left untouched
+            self._step_count = 1
+            self.last_epoch += 1
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            return
+        loss = self._reduce(_loss_value(loss))
         self._step_count += 1
         self.last_epoch += 1
         if self.pending != 1.0:
@@ -141,35 +211,66 @@ class FastFace(LRScheduler):
 
     def _detect(self, loss):
         self.seen += 1
+        if self.seen <= self.warmup:
+            self._fit(loss)
+            return
         if self.seen == 1:
             self.loss_prev = loss
             return
-        if self.seen == 2:
+        if self.seen == 2 and self.reference_start:
             d = self.alpha * (self.loss_prev - loss)
         else:
             d = self.w1 * self.d1 - self.w2 * self.d2 + self.w3 * (self.loss_prev - loss)
         if d < self.threshold:
             if self.count < self.patience:
-                self.pending = 1.0
                 self.count += 1
             else:
-                self.pending = 1.0 / self.decay
                 self.count = 0
-                self.decays += 1
-            if self.decays > self.max_decays:
-                self.pending = 1.0
+                if self.decays < self.max_decays:
+                    self.pending = 1.0 / self.decay
+                    self.decays += 1
         else:
-            self.pending = 1.0
             self.count = 0
         self.d2 = self.d1
         self.d1 = d
         self.loss_prev = loss
 
+    def _fit(self, loss):
+        """Warm-up of the default start: the least-squares line through the losses seen so far
+        gives D_EMA (its decrease per step, in both EMA states) and the previous loss (its value now)."""
+        n = self.seen
+        if n == 1:
+            self.fit_origin = loss
+        y = loss - self.fit_origin
+        self.fit_y += y
+        self.fit_jy += n * y
+        mean_j, mean_y = (n + 1) / 2, self.fit_y / n
+        slope = 0.0 if n == 1 else (self.fit_jy - n * mean_j * mean_y) / (n * (n * n - 1) / 12)
+        self.d1 = self.d2 = -slope
+        self.loss_prev = self.fit_origin + mean_y + slope * (n - mean_j)
+
     def state_dict(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_group")}
 
     def load_state_dict(self, state_dict):
-        self.__dict__.update({k: v for k, v in state_dict.items() if k != "_group"})
+        """Resumes from ``state_dict()``; refuses a state made with other hyper-parameters.
+        ``reduce_loss`` is this process's own choice and is kept."""
+        needed = HYPER_PARAMETERS[:-1] + ("seen", "loss_prev", "d1", "d2", "count", "decays", "pending")
+        if not isinstance(state_dict, dict) or any(k not in state_dict for k in needed):
+            missing = "missing " + ", ".join(k for k in needed if k not in state_dict) \
+                if isinstance(state_dict, dict) else f"a {type(state_dict).__name__}"
+            raise ValueError(f"FastFace: the scheduler state to load is not a FastFace state ({missing}); "
+                             f"resume from a checkpoint written with FastFace, or start the run afresh")
+        saved = dict(state_dict)
+        saved.setdefault("reference_start", True)  # states saved before the fitted start existed
+        differ = [k for k in HYPER_PARAMETERS if saved[k] != getattr(self, k)]
+        if differ:
+            raise ValueError(
+                "FastFace: the saved scheduler state was made with "
+                + ", ".join(f"{k}={saved[k]!r}" for k in differ) + " but this scheduler has "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in differ)
+                + "; build FastFace with the saved values to resume that run, or start it afresh")
+        self.__dict__.update({k: v for k, v in saved.items() if k not in ("_group", "reduce_loss")})
 
     def log_scalars(self):
         """Detector values for TensorBoard: D_EMA, the stagnation count and decays."""

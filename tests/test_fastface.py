@@ -82,7 +82,7 @@ def test_matches_reference_recurrence_on_noisy_plateaus(seed):
     losses = plateau_losses(n, seed)
     kwargs = dict(alpha=2e-3, beta=1e-3, threshold=1e-4, tolerance=0.01, decay=2.0, max_decays=8)
     opt = make_optimizer()
-    sched = FastFace(opt, total_steps=n, **kwargs)
+    sched = FastFace(opt, total_steps=n, reference_start=True, **kwargs)
     got = [lr[0] for lr in run(sched, losses)]
     want = reference_lrs(losses, 0.02, n, **kwargs)
     assert got == want  # exact: same float operations in the same order
@@ -93,7 +93,7 @@ def test_matches_reference_recurrence_on_noisy_plateaus(seed):
 def test_default_parameters_match_reference():
     n = 5000
     losses = plateau_losses(n, 7, noise=0.5)
-    sched = FastFace(make_optimizer(), total_steps=n)
+    sched = FastFace(make_optimizer(), total_steps=n, reference_start=True)
     got = [lr[0] for lr in run(sched, losses)]
     assert got == reference_lrs(losses, 0.02, n)
     assert sched.decays >= 1
@@ -108,13 +108,14 @@ def test_construction_leaves_lr_unchanged_and_first_steps_do_not_decay():
     assert sched.get_last_lr() == [0.3]
 
 
-def test_tolerance_zero_decays_on_every_stagnant_step_up_to_max_decays():
+def test_patience_zero_decays_on_every_stagnant_step_up_to_max_decays():
     n = 50
     losses = [1.0] * n  # no decrease at all: D = 0 < lambda on every step from the second
     opt = make_optimizer()
-    sched = FastFace(opt, total_steps=n, tolerance=0.0, max_decays=3)
+    sched = FastFace(opt, total_steps=n, tolerance=0.01, max_decays=3, reference_start=True)
+    assert sched.patience == 0
     got = [lr[0] for lr in run(sched, losses)]
-    assert got == reference_lrs(losses, 0.02, n, tolerance=0.0, max_decays=3)
+    assert got == reference_lrs(losses, 0.02, n, tolerance=0.01, max_decays=3)
     # step 2 decides, step 3 applies; three decays and no more
     assert got[:2] == [0.02, 0.02]
     assert got[2:5] == [0.01, 0.005, 0.0025]
@@ -123,7 +124,7 @@ def test_tolerance_zero_decays_on_every_stagnant_step_up_to_max_decays():
 
 def test_tiny_total_steps():
     losses = [3.0, 3.0, 3.0, 3.0]
-    sched = FastFace(make_optimizer(), total_steps=1)
+    sched = FastFace(make_optimizer(), total_steps=1, reference_start=True)
     got = [lr[0] for lr in run(sched, losses)]
     assert got == reference_lrs(losses, 0.02, 1)
     assert got == [0.02, 0.02, 0.01, 0.005]
@@ -135,7 +136,7 @@ def test_every_param_group_scaled_alike():
     n = 3000
     losses = plateau_losses(n, 3)
     opt = make_optimizer((0.1, 0.1 / 3, 0.5))
-    sched = FastFace(opt, total_steps=n, **FAST)
+    sched = FastFace(opt, total_steps=n, reference_start=True, **FAST)
     got = run(sched, losses)
     ref = reference_lrs(losses, 1.0, n, **FAST)
     assert sched.decays >= 1
@@ -173,18 +174,18 @@ def test_resume_from_state_dict_gives_identical_trajectory(tmp_path):
     kwargs = FAST
     model = torch.nn.Linear(4, 2)
     full_opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    full = [lr[0] for lr in run(FastFace(full_opt, total_steps=n, **kwargs), losses)]
+    full = [lr[0] for lr in run(FastFace(full_opt, total_steps=n, reference_start=True, **kwargs), losses)]
 
     cut = 3333
     opt = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.02, momentum=0.9)
-    sched = FastFace(opt, total_steps=n, **kwargs)
+    sched = FastFace(opt, total_steps=n, reference_start=True, **kwargs)
     first = [lr[0] for lr in run(sched, losses[:cut])]
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "ckpt.pt")
     assert sched.decays >= 1 and sched.seen == cut
 
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     opt2 = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.02, momentum=0.9)
-    sched2 = FastFace(opt2, total_steps=n, **kwargs)
+    sched2 = FastFace(opt2, total_steps=n, reference_start=True, **kwargs)
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
     rest = [lr[0] for lr in run(sched2, losses[cut:])]
@@ -212,7 +213,7 @@ def _ddp_worker(rank, world, port, n, out_dir):
     gloo_group.join(rank, world, port)
     # each rank sees its own noisy local loss, as with a loss averaged only over the local batch
     losses = plateau_losses(n, seed=100 + rank, noise=0.2)
-    sched = FastFace(make_optimizer(), total_steps=n, **FAST)
+    sched = FastFace(make_optimizer(), total_steps=n, reference_start=True, **FAST)
     lrs = [lr[0] for lr in run(sched, losses)]
     np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.array(lrs))
     torch.distributed.barrier()
@@ -235,14 +236,14 @@ def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     assert local0 != local1
 
 
-def test_short_tolerance_warns_and_the_first_loss_difference_decides_the_first_decay():
+def test_reference_start_short_tolerance_warns_and_the_first_loss_difference_decides_the_first_decay():
     # a steadily falling loss whose first step rose: the recurrence starts from
     # D = alpha * (L_1 - L_2) < 0, which outweighs the real decrease for ~10/alpha steps
     n = 20000
     losses = 10.0 - 5e-4 * np.arange(n)
     losses[1] = losses[0] + 1.0
     with pytest.warns(UserWarning, match="warm-up"):
-        sched = FastFace(make_optimizer(), total_steps=n)
+        sched = FastFace(make_optimizer(), total_steps=n, reference_start=True)
     assert sched.patience == 1000
     lrs = np.array(run(sched, losses))[:, 0]
     # stagnant from the second call on: T more calls, the decision, then applied at the next call
@@ -251,7 +252,7 @@ def test_short_tolerance_warns_and_the_first_loss_difference_decides_the_first_d
     # the same curve whose first step fell: no decay while the loss keeps falling
     losses[1] = losses[0] - 1.0
     with pytest.warns(UserWarning):
-        sched = FastFace(make_optimizer(), total_steps=n)
+        sched = FastFace(make_optimizer(), total_steps=n, reference_start=True)
     assert run(sched, losses)[-1][0] == pytest.approx(0.02)
 
 
@@ -260,3 +261,211 @@ def test_paper_length_runs_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FastFace(make_optimizer(), total_steps=202320)  # ms1mv3, batch 128, 5 epochs
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("total_steps", 0, "total_steps"), ("total_steps", 2.5, "total_steps"), ("total_steps", math.nan, "total_steps"),
+    ("total_steps", "1000", "total_steps"), ("total_steps", True, "total_steps"),
+    ("alpha", 0.0, "alpha"), ("alpha", 1.0, "alpha"), ("alpha", -1e-3, "alpha"), ("alpha", math.nan, "alpha"),
+    ("alpha", "1e-3", "alpha"), ("beta", 1.5, "beta"), ("beta", math.inf, "beta"), ("beta", None, "beta"),
+    ("threshold", math.nan, "threshold"), ("threshold", math.inf, "threshold"), ("threshold", -1e-5, "threshold"),
+    ("threshold", "5e-5", "threshold"),
+    ("tolerance", 0.0, "tolerance"), ("tolerance", 1.5, "tolerance"), ("tolerance", math.nan, "tolerance"),
+    ("decay", 1.0, "decay"), ("decay", 0.5, "decay"), ("decay", -2.0, "decay"), ("decay", math.inf, "decay"),
+    ("decay", math.nan, "decay"), ("decay", "2", "decay"),
+    ("max_decays", -1, "max_decays"), ("max_decays", 2.5, "max_decays"), ("max_decays", math.inf, "max_decays"),
+    ("max_decays", None, "max_decays"),
+    ("reduce_loss", "yes", "reduce_loss"), ("reference_start", "no", "reference_start"),
+])
+def test_nonsense_parameters_are_refused_with_one_line_naming_the_value(name, value, says):
+    kwargs = {"total_steps": 1000, name: value}
+    with pytest.raises(ValueError) as err:
+        FastFace(make_optimizer(), **kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("FastFace: ") and says in msg and repr(value) in msg
+
+
+def test_sensible_edge_parameters_are_accepted():
+    with pytest.warns(UserWarning):
+        FastFace(make_optimizer(), total_steps=1, alpha=0.5, beta=0.999, threshold=0.0, tolerance=1.0,
+                 decay=1.0001, max_decays=0)
+    FastFace(make_optimizer(), total_steps=np.int64(202320), alpha=np.float32(1e-3), max_decays=np.int64(3),
+             reference_start=True, reduce_loss=False)
+
+
+@pytest.mark.parametrize("loss, says", [
+    ("2.5", "'2.5'"), (None, "None"), (1 + 2j, "(1+2j)"), (True, "True"),
+    (torch.tensor([1.0, 2.0]), "shape (2,)"), (torch.tensor(1.0 + 1.0j), "complex"),
+    (np.array([1.0, 2.0]), "shape (2,)"), (np.complex128(1.0), "(1+0j)"),
+])
+def test_a_loss_that_is_not_a_real_number_is_refused_by_name(loss, says):
+    sched = FastFace(make_optimizer(), total_steps=100)
+    sched.step(1.0)
+    with pytest.raises(TypeError) as err:
+        sched.step(loss)
+    msg = str(err.value)
+    assert "\n" not in msg and "loss" in msg and says in msg
+    assert sched.seen == 1 and sched.last_epoch == 1  # the refused call changed nothing
+
+
+def test_one_element_tensors_and_numpy_scalars_are_losses():
+    losses = [3.0, torch.tensor(2.5), torch.tensor([2.0], dtype=torch.float16), np.float32(1.5), np.array([1.0]), 1]
+    sched = FastFace(make_optimizer(), total_steps=100, reference_start=True)
+    for loss in losses:
+        sched.step(loss)
+    assert sched.seen == len(losses) and sched.loss_prev == 1.0
+
+
+def test_decays_stop_counting_at_max_decays():
+    n = 50
+    sched = FastFace(make_optimizer(), total_steps=n, tolerance=0.01, max_decays=3, reference_start=True)
+    assert sched.patience == 0
+    run(sched, [1.0] * n)
+    assert sched.decays == 3
+    assert sched.log_scalars()["fastface/decays"] == 3
+
+
+def test_load_state_dict_refuses_other_hyper_parameters_and_names_them():
+    sched = FastFace(make_optimizer(), total_steps=6000, **FAST)
+    run(sched, plateau_losses(500, 1))
+    state = sched.state_dict()
+    other = FastFace(make_optimizer(), total_steps=6000, alpha=1e-2, beta=5e-3, threshold=2e-4, tolerance=0.02)
+    before = other.state_dict()
+    with pytest.raises(ValueError) as err:
+        other.load_state_dict(state)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "threshold=0.0001" in msg and "threshold=0.0002" in msg and "tolerance=0.01" in msg
+    assert "tolerance=0.02" in msg and "alpha" not in msg and "beta" not in msg
+    assert other.state_dict() == before  # nothing loaded
+    with pytest.raises(ValueError, match="total_steps=6000.*total_steps=7000"):
+        FastFace(make_optimizer(), total_steps=7000, **FAST).load_state_dict(state)
+    with pytest.raises(ValueError, match="reference_start=False.*reference_start=True"):
+        FastFace(make_optimizer(), total_steps=6000, reference_start=True, **FAST).load_state_dict(state)
+
+
+def test_load_state_dict_refuses_what_is_not_a_fastface_state():
+    sched = FastFace(make_optimizer(), total_steps=100)
+    poly = torch.optim.lr_scheduler.PolynomialLR(make_optimizer(), total_iters=10)
+    with pytest.raises(ValueError, match="not a FastFace state.*alpha"):
+        sched.load_state_dict(poly.state_dict())
+    with pytest.raises(ValueError, match="not a FastFace state"):
+        sched.load_state_dict([1, 2])
+
+
+def fall_then_flat(n, slope, first_delta, seed=0, sigma=0.3):
+    """A loss falling by `slope` per step for the first half of the run and flat after, with Gaussian
+    noise sigma per step; L_1 - L_2 set to first_delta (negative: the loss rose at the first step)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    losses = 40.0 - slope * np.minimum(t, n // 2) + sigma * rng.standard_normal(n)
+    losses[1] = losses[0] - first_delta
+    return losses
+
+
+def first_decay(sched, losses):
+    """Index (0-based step) at which the LR first fell, or None; stops there."""
+    lr0 = sched.get_last_lr()[0]
+    for i, loss in enumerate(losses.tolist()):
+        sched.step(loss)
+        if sched.get_last_lr()[0] < lr0:
+            return i
+    return None
+
+
+# slope 1e-4 = 2 lambda: the hardest steady fall the default lambda can tell from a plateau, and one
+# whose plateau a 5,000-step run can still detect; 60/n: a fall of 30 over the first half
+@pytest.mark.parametrize("first_delta", [-1.0, 1.0])
+@pytest.mark.parametrize("n, slope", [(5000, 1e-4), (20000, 1e-4), (20000, 3e-3), (100000, 1e-4),
+                                      (100000, 6e-4), (400000, 1.5e-4)])
+def test_default_start_decays_only_once_the_loss_is_flat(n, slope, first_delta):
+    losses = fall_then_flat(n, slope, first_delta)
+    sched = FastFace(make_optimizer(), total_steps=n)
+    step = first_decay(sched, losses)
+    assert step is not None, "the flat half must be detected"
+    assert n // 2 < step < n
+
+
+@pytest.mark.parametrize("first_delta", [-1.0, 1.0])
+def test_default_start_short_run_over_many_noise_draws(first_delta):
+    n = 5000
+    steps = [first_decay(FastFace(make_optimizer(), total_steps=n), fall_then_flat(n, 1e-4, first_delta, seed))
+             for seed in range(20)]
+    assert all(s is not None and n // 2 < s < n for s in steps), steps
+
+
+def test_reference_start_keeps_the_first_difference_artefact():
+    n = 20000
+    losses = fall_then_flat(n, 1e-4, -1.0)
+    with pytest.warns(UserWarning, match="first loss difference"):
+        sched = FastFace(make_optimizer(), total_steps=n, reference_start=True)
+    assert first_decay(sched, losses) == sched.patience + 2
+
+
+def test_default_start_warm_up_fits_the_first_losses_and_does_not_count_stagnation():
+    # alpha = beta = 0.1: a warm-up of K = 2/0.1 = 20 steps; tolerance 0.01 of 50 steps: T = 0
+    kwargs = dict(alpha=0.1, beta=0.1, tolerance=0.01, max_decays=2)
+    sched = FastFace(make_optimizer(), total_steps=50, **kwargs)
+    assert sched.warmup == 20 and sched.patience == 0
+    line = [5.0 - 0.25 * j for j in range(20)]
+    run(sched, line)
+    assert sched.get_last_lr() == [0.02] and sched.count == 0
+    assert sched.d_ema == pytest.approx(0.25, rel=1e-12)  # the line's decrease per step
+    assert sched.loss_prev == pytest.approx(line[-1], rel=1e-12)
+    # the same count on a flat loss: stagnant from the first step after the warm-up, not before
+    got = [lr[0] for lr in run(FastFace(make_optimizer(), total_steps=50, **kwargs), [1.0] * 30)]
+    assert got[:21] == [0.02] * 21 and got[21:24] == [0.01, 0.005, 0.005]
+
+
+def test_default_start_does_not_warn_where_the_reference_does():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastFace(make_optimizer(), total_steps=20000)
+    with pytest.warns(UserWarning, match="warm-up"):
+        FastFace(make_optimizer(), total_steps=20000, reference_start=True)
+    with pytest.warns(UserWarning, match="half the run"):
+        FastFace(make_optimizer(), total_steps=3000)  # warm-up 2/alpha = 2000 steps
+
+
+@pytest.mark.parametrize("cut", [150, 3333])  # inside the warm-up (K = 400) and after it
+def test_default_start_resumes_exactly(tmp_path, cut):
+    n = 6000
+    losses = plateau_losses(n, 5)
+    full_sched = FastFace(make_optimizer(), total_steps=n, **FAST)
+    full = [lr[0] for lr in run(full_sched, losses)]
+    assert full_sched.decays >= 1
+    opt = make_optimizer()
+    sched = FastFace(opt, total_steps=n, **FAST)
+    first = [lr[0] for lr in run(sched, losses[:cut])]
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    opt2 = make_optimizer()
+    sched2 = FastFace(opt2, total_steps=n, **FAST)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert first + [lr[0] for lr in run(sched2, losses[cut:])] == full
+
+
+# the FastFace authors' public training logs: $FASTFACE_LOGS, else ../shared/data/fastface_logs beside the repository
+LOGS = os.environ.get("FASTFACE_LOGS") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "fastface_logs")
+
+
+@pytest.mark.parametrize("name", ["ms1mv3_r100_bs128_lr0.02", "webface4m_r100_bs128_lr0.02"])
+def test_authors_logs_decay_where_the_reference_start_does(name):
+    path = os.path.join(LOGS, name + ".csv")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent (set FASTFACE_LOGS to the folder of the FastFace authors' logs)")
+    with open(path) as f:
+        total = int(f.readline().split("total_step=")[1].split()[0].rstrip(";,"))
+    data = np.genfromtxt(path, delimiter=",", skip_header=2)
+    losses = np.interp(np.arange(1, int(data[-1, 0]) + 1), data[:, 0], data[:, 1]).tolist()
+    decays = {}
+    for reference_start in (True, False):
+        lrs = np.array(run(FastFace(make_optimizer(), total_steps=total, reference_start=reference_start),
+                           losses))[:, 0]
+        decays[reference_start] = np.flatnonzero(np.diff(lrs) < 0)
+    assert len(decays[True]) >= 5
+    assert len(decays[False]) == len(decays[True])
+    assert np.abs(decays[False] - decays[True]).max() <= 0.01 * total
