@@ -298,3 +298,21 @@ def test_bad_folders_give_one_line(faces, tmp_path):
     assert "is a file" in cli_error("stats", "--rec", idx)
     assert "not found" in cli_error("stats", "--rec", str(tmp_path / "nowhere"))
     assert "is a file" in cli_error("proxy-subset", "--rec", idx, "--ratio", "0.5", "--out", str(tmp_path / "p.idx"))
+
+
+def test_more_bad_inputs_of_stats_and_proxy_subset(faces, tmp_path):
+    images, labels = faces
+    d = write_records(str(tmp_path / "ds"), [(k, float(labels[k]), jpeg(images[k])) for k in range(6)])
+    out = str(tmp_path / "p.idx")
+    assert "seed" in cli_error("proxy-subset", "--rec", d, "--ratio", "0.5", "--seed", "-1", "--out", out)
+    assert not os.path.exists(out)
+    message = cli_error("stats", "--rec", d, "--index", str(tmp_path))
+    assert str(tmp_path) in message and "not a file" in message
+    no_lines = str(tmp_path / "one_line.idx")
+    with open(no_lines, "wb") as f:
+        f.write(b"7" * (3 << 20))  # no line end: refused without holding the whole file
+    with pytest.raises(RecordIOError, match="one_line.idx.*not an MXNet index"):
+        read_idx(no_lines, chunk_bytes=1 << 20)
+    from plugins.face_nms.proxy_subset import random_subset
+    with pytest.raises(ValueError, match="labels"):
+        random_subset(np.array([0, -1, 2]), 0.5)

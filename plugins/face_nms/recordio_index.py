@@ -2,13 +2,16 @@
 
 Two layouts occur:
 
-* insightface style (MS1MV2/3, Glint360K): record 0 is a header whose flag > 0 and whose
-  label ``(a, b)`` says that records ``1 .. a-1`` are images and ``a .. b-1`` identities;
+* insightface style (MS1MV2/3, Glint360K): record 0 is a header (flag >= 2, a label array and no
+  image bytes) whose label ``(a, b)`` says that records ``1 .. a-1`` are images and ``a .. b-1``
+  identities. insightface's RecBuilder and face2rec2 write it last, so its line may stand anywhere
+  in train.idx; it is found in the one parse of train.idx and checked against the keys listed there;
 * im2rec style (WebFace42M, shuffled for DALI): no header, every record is an image.
 
 Only the 36 bytes that start each record are read (RecordIO magic and length, then the
 ``IRHeader`` flag, label, id, id2 and the first extra label), never the image bytes, in
-chunks of records, so a 42.5M-record file is indexed in bounded memory.
+chunks of records, so a 42.5M-record file is indexed in bounded memory. A record that is cut
+short, split into parts, without image bytes, or whose label is no identity id is refused by key.
 
 A filtered index is a standard MXNet ``.idx`` (``key<TAB>offset`` lines) listing some image
 records of the original ``train.rec``; DALI's mxnet reader reads it directly.
@@ -24,6 +27,7 @@ MAGIC = 0xCED7230A
 _PEEK = 36  # magic, lrecord, flag, label, id, id2, first extra label
 CHUNK = 1 << 20
 LABEL_LIMIT = 1 << 24
+_LONGEST_LINE = 4096  # an .idx line is two int64 numbers
 _REPACK = "repack the dataset (insightface's RecBuilder or im2rec) or restore the train.rec/train.idx pair it wrote"
 
 
@@ -81,6 +85,10 @@ def read_idx(path, chunk_bytes=64 << 20, fix="regenerate it"):
                 if block:
                     cut = data.rfind(b"\n") + 1
                     data, tail = data[:cut], data[cut:]
+                    if len(tail) > _LONGEST_LINE:
+                        n = line + data.count(b"\n")
+                        raise RecordIOError(f"{path} line {n} is longer than {_LONGEST_LINE} bytes: the file is not "
+                                            f"an MXNet index file; {fix} or pass the right file")
                 if data.strip():
                     keys_c, offsets_c = _parse_idx_block(data, path, line, fix)
                     keys.append(keys_c)
@@ -157,8 +165,11 @@ def _first_repeat(values):
 def _peek(rec_path, keys, offsets, width=_PEEK):
     """(flag, payload bytes, first ``width`` bytes) of the records at ``offsets``, each checked to be a
     whole single-part record inside the file whose header fits in it."""
-    size = os.path.getsize(rec_path)
-    mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
+    try:
+        size = os.path.getsize(rec_path)
+        mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
+    except OSError as exc:
+        raise RecordIOError(f"{rec_path} cannot be read ({exc.strerror}); check the file and its permissions") from None
     pos = np.minimum(offsets[:, None] + np.arange(width), size - 1)
     raw = np.ascontiguousarray(mm[pos])
     del mm
@@ -306,6 +317,9 @@ def load_filtered_index(index_path, rec_dir):
     index belongs to another dataset (or another packing) and training must not start.
     """
     _, idx = rec_paths(rec_dir)
+    if os.path.exists(index_path) and not os.path.isfile(index_path):
+        raise RecordIOError(f"filtered index {index_path} is not a file: give the .idx written by `python -m "
+                            f"plugins.face_nms select`")
     if not os.path.isfile(index_path):
         raise RecordIOError(f"filtered index {index_path} not found: run `python -m plugins.face_nms select` "
                             f"first or fix config.face_nms['index']")
