@@ -28,7 +28,7 @@ _PEEK = 36  # magic, lrecord, flag, label, id, id2, first extra label
 CHUNK = 1 << 20
 LABEL_LIMIT = 1 << 24
 _LONGEST_LINE = 4096  # an .idx line is two int64 numbers
-_REPACK = "repack the dataset (insightface's RecBuilder or im2rec) or restore the train.rec/train.idx pair it wrote"
+_REPACK = "repack the dataset (insightface's RecBuilder or im2rec)"
 
 
 class RecordIOError(ValueError):
@@ -184,7 +184,7 @@ def _peek(rec_path, keys, offsets, width=_PEEK):
     if len(bad):
         k, o = first(bad)
         raise RecordIOError(f"{rec_path}: no RecordIO record at offset {o} (key {k} of train.idx, {len(bad)} such "
-                            f"keys); train.idx does not belong to this train.rec or the file is corrupt")
+                            f"key(s)); train.idx does not belong to this train.rec or the file is corrupt")
     bad = np.flatnonzero(lrec >> 29)
     if len(bad):
         k, o = first(bad)
@@ -247,14 +247,14 @@ def image_records(rec_dir):
 
     The insightface header (key 0) is found wherever its line stands (RecBuilder writes it last)."""
     rec, idx = rec_paths(rec_dir)
-    keys, offsets = read_idx(idx, fix=f"restore the train.idx written with train.rec or {_REPACK}")
+    keys, offsets = read_idx(idx, fix=f"restore the train.idx packed with this train.rec, or {_REPACK}")
     if len(keys) == 0:
         raise RecordIOError(f"{idx} lists no records: the dataset is empty; restore it or {_REPACK}")
     size = os.path.getsize(rec)
     beyond = np.flatnonzero(offsets + 8 > size)
     if len(beyond):
         raise RecordIOError(f"{idx}: key {int(keys[beyond[0]])} has offset {int(offsets[beyond[0]])}, beyond the end "
-                            f"of {rec} ({size} bytes; {len(beyond)} such keys); train.idx does not belong to this "
+                            f"of {rec} ({size} bytes; {len(beyond)} such key(s)); train.idx does not belong to this "
                             f"train.rec or train.rec is truncated")
     header = _header(rec, idx, keys, offsets)
     if header is None:
@@ -268,13 +268,13 @@ def _labels(rec, keys, offsets):
     empty = np.flatnonzero(payload == 0)
     if len(empty):
         raise RecordIOError(f"{rec}: record key {int(keys[empty[0]])} (offset {int(offsets[empty[0]])}) holds no image "
-                            f"bytes, only its header ({len(empty)} such records); {_REPACK}")
+                            f"bytes, only its header ({len(empty)} such record(s)); {_REPACK}")
     label = np.where(flag > 0, raw[:, 32:36].copy().view("<f4")[:, 0], raw[:, 12:16].copy().view("<f4")[:, 0])
     with np.errstate(invalid="ignore"):
         bad = np.flatnonzero(~np.isfinite(label) | (label < 0) | (label != np.floor(label)) | (label >= LABEL_LIMIT))
     if len(bad):
         raise RecordIOError(f"{rec}: record key {int(keys[bad[0]])} has label {float(label[bad[0]])!r}, which is no "
-                            f"identity id (an integer 0 <= label < 2**24; {len(bad)} such records); {_REPACK} "
+                            f"identity id (an integer 0 <= label < 2**24; {len(bad)} such record(s)); {_REPACK} "
                             f"with identity ids 0, 1, 2, ...")
     return label.astype(np.int64)
 
