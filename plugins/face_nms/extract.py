@@ -242,7 +242,7 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
                                  f"use another --out or delete it")
         index = read_index(rec_dir)
         _atomic_npy(os.path.join(out_dir, "keys.npy"), index.keys)
-        _atomic_npy(os.path.join(out_dir, "labels.npy"), index.labels.astype(np.int32))
+        _atomic_npy(os.path.join(out_dir, "labels.npy"), index.labels.astype(np.int64))
         probe = model(RecordImages(rec, index.offsets[:1])[0][None], flip)
         partial = final + ".partial"
         if not os.path.exists(partial):

@@ -38,7 +38,12 @@ def rank_within_identity(labels, keys):
 
 def random_subset(labels, ratio=None, seed=0, quota=None):
     """Sorted rows of a deterministic per-identity random sample (``quota[label]`` faces each)."""
-    labels = np.asarray(labels, np.int64)
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+        raise ValueError("labels must be non-negative integer identity ids")
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    labels = labels.astype(np.int64)
     if quota is None:
         quota = per_identity_quota(np.bincount(labels), ratio)
     keys = np.random.default_rng(seed).random(len(labels))

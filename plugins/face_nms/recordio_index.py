@@ -2,13 +2,16 @@
 
 Two layouts occur:
 
-* insightface style (MS1MV2/3, Glint360K): record 0 is a header whose flag > 0 and whose
-  label ``(a, b)`` says that records ``1 .. a-1`` are images and ``a .. b-1`` identities;
+* insightface style (MS1MV2/3, Glint360K): record 0 is a header (flag >= 2, a label array and no
+  image bytes) whose label ``(a, b)`` says that records ``1 .. a-1`` are images and ``a .. b-1``
+  identities. insightface's RecBuilder and face2rec2 write it last, so its line may stand anywhere
+  in train.idx; it is found in the one parse of train.idx and checked against the keys listed there;
 * im2rec style (WebFace42M, shuffled for DALI): no header, every record is an image.
 
 Only the 36 bytes that start each record are read (RecordIO magic and length, then the
 ``IRHeader`` flag, label, id, id2 and the first extra label), never the image bytes, in
-chunks of records, so a 42.5M-record file is indexed in bounded memory.
+chunks of records, so a 42.5M-record file is indexed in bounded memory. A record that is cut
+short, split into parts, without image bytes, or whose label is no identity id is refused by key.
 
 A filtered index is a standard MXNet ``.idx`` (``key<TAB>offset`` lines) listing some image
 records of the original ``train.rec``; DALI's mxnet reader reads it directly.
@@ -23,6 +26,9 @@ from .files import atomic_output
 MAGIC = 0xCED7230A
 _PEEK = 36  # magic, lrecord, flag, label, id, id2, first extra label
 CHUNK = 1 << 20
+LABEL_LIMIT = 1 << 24
+_LONGEST_LINE = 4096  # an .idx line is two int64 numbers
+_REPACK = "repack the dataset (insightface's RecBuilder or im2rec)"
 
 
 class RecordIOError(ValueError):
@@ -31,7 +37,7 @@ class RecordIOError(ValueError):
 
 @dataclass
 class RecordIndex:
-    """Every image record of a dataset: its key in train.idx, byte offset in train.rec, label."""
+    """Every image record of a dataset: its key in train.idx, byte offset in train.rec, label (int64)."""
     rec_dir: str
     layout: str  # "insightface" or "im2rec"
     keys: np.ndarray
@@ -47,127 +53,242 @@ class RecordIndex:
 
 
 def rec_paths(rec_dir):
+    folder = "give the arcface_torch RecordIO folder holding train.rec and train.idx"
+    if not os.path.exists(rec_dir):
+        raise RecordIOError(f"--rec {rec_dir} not found: {folder}")
+    if not os.path.isdir(rec_dir):
+        raise RecordIOError(f"--rec {rec_dir} is a file: {folder}")
     rec, idx = os.path.join(rec_dir, "train.rec"), os.path.join(rec_dir, "train.idx")
     for path in (rec, idx):
         if not os.path.isfile(path):
-            raise RecordIOError(f"{path} not found: --rec must be an arcface_torch RecordIO folder "
+            state = "is not a file" if os.path.exists(path) else "not found"
+            raise RecordIOError(f"{path} {state}: --rec must be an arcface_torch RecordIO folder "
                                 f"holding train.rec and train.idx")
     return rec, idx
 
 
-def read_idx(path, chunk_bytes=64 << 20):
-    """(keys, offsets) of an MXNet .idx file, in file order, parsed in chunks."""
+def read_idx(path, chunk_bytes=64 << 20, fix="regenerate it"):
+    """(keys, offsets) of an MXNet .idx file, in file order, parsed in chunks.
+
+    Refused: lines that are not ``key<TAB>offset`` integers (as mxnet's own reader refuses them),
+    negative or int64-overflowing offsets, a key or an offset listed twice. ``fix`` ends the messages.
+    """
     if not os.path.isfile(path):
         raise RecordIOError(f"index file {path} not found")
     keys, offsets = [], []
-    tail = b""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            data = tail + block
-            if block:
-                cut = data.rfind(b"\n") + 1
-                data, tail = data[:cut], data[cut:]
-            if data.strip():
-                keys_c, offsets_c = _parse_idx_block(data, path)
-                keys.append(keys_c)
-                offsets.append(offsets_c)
-            if not block:
-                break
+    tail, line = b"", 1
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk_bytes)
+                data = tail + block
+                if block:
+                    cut = data.rfind(b"\n") + 1
+                    data, tail = data[:cut], data[cut:]
+                    if len(tail) > _LONGEST_LINE:
+                        n = line + data.count(b"\n")
+                        raise RecordIOError(f"{path} line {n} is longer than {_LONGEST_LINE} bytes: the file is not "
+                                            f"an MXNet index file; {fix} or pass the right file")
+                if data.strip():
+                    keys_c, offsets_c = _parse_idx_block(data, path, line, fix)
+                    keys.append(keys_c)
+                    offsets.append(offsets_c)
+                line += data.count(b"\n")
+                if not block:
+                    break
+    except OSError as exc:
+        raise RecordIOError(f"{path} cannot be read ({exc.strerror}); check the file and its permissions") from None
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(keys), np.concatenate(offsets)
+    keys, offsets = np.concatenate(keys), np.concatenate(offsets)
+    rows = _first_repeat(keys)
+    if rows is not None:
+        raise RecordIOError(f"{path} lists key {int(keys[rows[0]])} twice (lines {rows[0] + 1} and {rows[1] + 1}); "
+                            f"an index lists every record once: {fix}")
+    rows = _first_repeat(offsets)
+    if rows is not None:
+        raise RecordIOError(f"{path}: keys {int(keys[rows[0]])} and {int(keys[rows[1]])} both point to offset "
+                            f"{int(offsets[rows[0]])}, one record counted twice; {fix}")
+    return keys, offsets
 
 
-def _parse_idx_block(data, path):
-    lines = data.split()
-    if len(lines) % 2:
-        raise RecordIOError(f"{path} is not an MXNet index file (lines of 'key<TAB>offset'): "
-                            f"odd number of fields; regenerate it or pass the right file")
+def _parse_idx_block(data, path, first_line, fix):
+    fields = data.split()
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
     try:
-        values = np.array(lines, dtype=np.int64).reshape(-1, 2)
-    except ValueError:
-        raise RecordIOError(f"{path} is not an MXNet index file (lines of 'key<TAB>offset'): "
-                            f"found a non-integer field") from None
+        if len(fields) != 2 * lines:
+            raise ValueError
+        values = np.array(fields, dtype=np.int64).reshape(-1, 2)
+    except (ValueError, OverflowError):
+        raise _idx_line_error(data, path, first_line, fix) from None
+    negative = np.flatnonzero(values[:, 1] < 0)
+    if len(negative):
+        key, offset = values[negative[0]]
+        raise RecordIOError(f"{path}: key {key} has offset {offset}, outside any .rec file; {fix}")
     return values[:, 0], values[:, 1]
 
 
-def peek_headers(rec_path, offsets):
-    """flag, label (first label when flag > 0) and magic of the records at ``offsets``."""
-    size = os.path.getsize(rec_path)
-    if len(offsets) == 0:
-        return np.zeros(0, np.uint32), np.zeros(0, np.float32)
-    if offsets.min() < 0 or offsets.max() + 8 > size:
-        raise RecordIOError(f"{rec_path}: train.idx points past the end of train.rec ({size} bytes); "
-                            f"the .idx does not belong to this .rec or the .rec is truncated")
-    mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
-    pos = np.minimum(offsets[:, None] + np.arange(_PEEK), size - 1)
+def _idx_line_error(data, path, first_line, fix):
+    """The message for the first line of ``data`` that is not an MXNet index line (error path only)."""
+    for n, line in enumerate(data.split(b"\n"), first_line):
+        fields = line.split()
+        try:
+            key, offset = (int(x) for x in fields)
+        except ValueError:
+            shown = line[:40].decode("utf-8", "replace")
+            return RecordIOError(f"{path} line {n} ({shown!r}) is not 'key<TAB>offset' with integers: the file is "
+                                 f"not an MXNet index file; {fix} or pass the right file")
+        if not -2 ** 63 <= key < 2 ** 63 or not 0 <= offset < 2 ** 63:
+            return RecordIOError(f"{path}: key {key} has offset {offset}, outside any .rec file (offsets are "
+                                 f"int64); {fix}")
+    return RecordIOError(f"{path} is not an MXNet index file (lines of 'key<TAB>offset'); {fix}")
+
+
+def _first_repeat(values):
+    """Rows (i, j) of the first value present twice, or None; linear time for increasing or compact values."""
+    n = len(values)
+    if n < 2 or np.all(values[1:] > values[:-1]):
+        return None
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < 2 * n + 1024:
+        seen = np.zeros(hi - lo + 1, bool)
+        seen[values - lo] = True
+        if int(seen.sum()) == n:
+            return None
+    s = np.sort(values, kind="stable")
+    same = np.flatnonzero(s[1:] == s[:-1])
+    if not len(same):
+        return None
+    return np.flatnonzero(values == s[same[0]])[:2]
+
+
+def _peek(rec_path, keys, offsets, width=_PEEK):
+    """(flag, payload bytes, first ``width`` bytes) of the records at ``offsets``, each checked to be a
+    whole single-part record inside the file whose header fits in it."""
+    try:
+        size = os.path.getsize(rec_path)
+        mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
+    except OSError as exc:
+        raise RecordIOError(f"{rec_path} cannot be read ({exc.strerror}); check the file and its permissions") from None
+    pos = np.minimum(offsets[:, None] + np.arange(width), size - 1)
     raw = np.ascontiguousarray(mm[pos])
     del mm
-    words = raw.view("<u4")  # 9 little-endian words per record
+    words = raw[:, :12].copy().view("<u4")
     magic, lrec, flag = words[:, 0], words[:, 1], words[:, 2]
+    length = (lrec & ((1 << 29) - 1)).astype(np.int64)
+
+    def first(bad):
+        return int(keys[bad[0]]), int(offsets[bad[0]])
+
     bad = np.flatnonzero(magic != MAGIC)
     if len(bad):
-        raise RecordIOError(f"{rec_path}: no RecordIO record at offset {int(offsets[bad[0]])} "
-                            f"({len(bad)} such offsets); train.idx does not match train.rec or the file is corrupt")
-    length = lrec & ((1 << 29) - 1)
-    if np.any(length < 24):
-        k = int(np.flatnonzero(length < 24)[0])
-        raise RecordIOError(f"{rec_path}: record at offset {int(offsets[k])} is too short to hold an image header")
-    fl = raw[:, 12:16].copy().view("<f4")[:, 0]
-    extra = raw[:, 32:36].copy().view("<f4")[:, 0]
-    label = np.where(flag > 0, extra, fl)
-    return flag, label
+        k, o = first(bad)
+        raise RecordIOError(f"{rec_path}: no RecordIO record at offset {o} (key {k} of train.idx, {len(bad)} such "
+                            f"key(s)); train.idx does not belong to this train.rec or the file is corrupt")
+    bad = np.flatnonzero(lrec >> 29)
+    if len(bad):
+        k, o = first(bad)
+        raise RecordIOError(f"{rec_path}: record key {k} (offset {o}) is split into parts; {_REPACK}")
+    bad = np.flatnonzero(offsets + 8 + length > size)
+    if len(bad):
+        k, o = first(bad)
+        raise RecordIOError(f"{rec_path}: record key {k} (offset {o}, {int(length[bad[0]])} bytes) ends past the end "
+                            f"of the file ({size} bytes): train.rec is truncated; copy it again")
+    payload = length - 24 - 4 * flag.astype(np.int64)
+    bad = np.flatnonzero(payload < 0)
+    if len(bad):
+        k, o = first(bad)
+        raise RecordIOError(f"{rec_path}: record key {k} (offset {o}) is shorter than its own header; the file is "
+                            f"corrupt: {_REPACK}")
+    return flag, payload, raw
+
+
+def _header(rec, idx, keys, offsets):
+    """(a, b) of an insightface header record (key 0: flag >= 2, a label array and no image bytes) checked
+    against the keys of train.idx, or None when key 0 is absent or an image (im2rec layout)."""
+    zero = np.flatnonzero(keys == 0)
+    if not len(zero):
+        return None
+    flag, payload, raw = _peek(rec, keys[zero], offsets[zero], width=40)
+    if flag[0] < 2 or payload[0] != 0:
+        return None
+    a, b = (float(v) for v in raw[0, 32:40].copy().view("<f4"))
+    says = f"the header record (key 0) of {rec} has label ({a:g}, {b:g})"
+    if not (np.isfinite(a) and np.isfinite(b) and a == int(a) and b == int(b)):
+        raise RecordIOError(f"{says}, not two integer keys (first identity, end); {_REPACK}")
+    a, b = int(a), int(b)
+    if not 1 <= a <= b:
+        raise RecordIOError(f"{says}: no key range (images 1..a-1, identities a..b-1 need 1 <= a <= b); {_REPACK}")
+    for lo, hi, what in ((1, a, "images"), (a, b, "identity records")):
+        inside = (keys >= lo) & (keys < hi)
+        if int(inside.sum()) != hi - lo:
+            missing = np.setdiff1d(np.arange(lo, hi), keys[inside])
+            raise RecordIOError(f"{says}, so {what} are keys {lo}..{hi - 1}, but {idx} lacks key {int(missing[0])} "
+                                f"({len(missing)} missing); {_REPACK}")
+    ends = np.flatnonzero((keys == a - 1) | (keys == a))
+    flag, payload, _ = _peek(rec, keys[ends], offsets[ends])
+    for k, f, p in zip(keys[ends].tolist(), flag.tolist(), payload.tolist()):
+        if k == a - 1 and p == 0:
+            raise RecordIOError(f"{says}, so key {k} is the last image, but that record holds no image; {_REPACK}")
+        if k == a and p > 0:
+            raise RecordIOError(f"{says}, so key {k} is the first identity record, but that record holds an image; "
+                                f"{_REPACK}")
+    return a, b
 
 
 def detect_layout(rec_dir):
     """("insightface", a) when record 0 is a header naming image records 1..a-1, else ("im2rec", None)."""
-    rec, idx = rec_paths(rec_dir)
-    keys, offsets = _first_lines(idx)
-    if len(keys) == 0:
-        raise RecordIOError(f"{idx} lists no records: the dataset is empty")
-    zero = np.flatnonzero(keys == 0)
-    if len(zero):
-        with open(rec, "rb") as f:
-            f.seek(int(offsets[zero[0]]))
-            head = f.read(_PEEK + 4)
-        if len(head) >= _PEEK + 4:
-            magic, lrec, flag = np.frombuffer(head[:12], "<u4")
-            a, b = np.frombuffer(head[32:40], "<f4")
-            # a header carries its label array and no image bytes
-            if magic == MAGIC and flag >= 2 and (lrec & ((1 << 29) - 1)) == 24 + 4 * flag and 1 <= a <= b:
-                return "insightface", int(a)
-    return "im2rec", None
-
-
-def _first_lines(idx, n=64):
-    with open(idx, "rb") as f:
-        head = b"".join(f.readline() for _ in range(n))
-    return _parse_idx_block(head, idx)
+    layout, keys, _ = image_records(rec_dir)
+    return (layout, int(keys.max()) + 1) if layout == "insightface" else (layout, None)
 
 
 def image_records(rec_dir):
-    """(layout, keys, offsets) of the image records, in train.idx order, from the .idx alone."""
-    _, idx = rec_paths(rec_dir)
-    layout, first_identity = detect_layout(rec_dir)
-    keys, offsets = read_idx(idx)
-    if layout == "insightface":
-        sel = (keys >= 1) & (keys < first_identity)
-        keys, offsets = keys[sel], offsets[sel]
-    return layout, keys, offsets
+    """(layout, keys, offsets) of the image records, in train.idx order, from one parse of train.idx.
+
+    The insightface header (key 0) is found wherever its line stands (RecBuilder writes it last)."""
+    rec, idx = rec_paths(rec_dir)
+    keys, offsets = read_idx(idx, fix=f"restore the train.idx packed with this train.rec, or {_REPACK}")
+    if len(keys) == 0:
+        raise RecordIOError(f"{idx} lists no records: the dataset is empty; restore it or {_REPACK}")
+    size = os.path.getsize(rec)
+    beyond = np.flatnonzero(offsets + 8 > size)
+    if len(beyond):
+        raise RecordIOError(f"{idx}: key {int(keys[beyond[0]])} has offset {int(offsets[beyond[0]])}, beyond the end "
+                            f"of {rec} ({size} bytes; {len(beyond)} such key(s)); train.idx does not belong to this "
+                            f"train.rec or train.rec is truncated")
+    header = _header(rec, idx, keys, offsets)
+    if header is None:
+        return "im2rec", keys, offsets
+    sel = (keys >= 1) & (keys < header[0])
+    return "insightface", keys[sel], offsets[sel]
 
 
 def _labels(rec, keys, offsets):
-    _, label = peek_headers(rec, offsets)
-    bad = ~np.isfinite(label) | (label < 0) | (label != np.floor(label))
-    if np.any(bad):
-        raise RecordIOError(f"{rec}: record {int(keys[np.flatnonzero(bad)[0]])} has no non-negative integer "
-                            f"identity label")
+    flag, payload, raw = _peek(rec, keys, offsets)
+    empty = np.flatnonzero(payload == 0)
+    if len(empty):
+        raise RecordIOError(f"{rec}: record key {int(keys[empty[0]])} (offset {int(offsets[empty[0]])}) holds no image "
+                            f"bytes, only its header ({len(empty)} such record(s)); {_REPACK}")
+    label = np.where(flag > 0, raw[:, 32:36].copy().view("<f4")[:, 0], raw[:, 12:16].copy().view("<f4")[:, 0])
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~np.isfinite(label) | (label < 0) | (label != np.floor(label)) | (label >= LABEL_LIMIT))
+    if len(bad):
+        raise RecordIOError(f"{rec}: record key {int(keys[bad[0]])} has label {float(label[bad[0]])!r}, which is no "
+                            f"identity id (an integer 0 <= label < 2**24; {len(bad)} such record(s)); {_REPACK} "
+                            f"with identity ids 0, 1, 2, ...")
     return label.astype(np.int64)
 
 
 def read_index(rec_dir, chunk=CHUNK):
-    """RecordIndex of every image record of ``rec_dir``; labels read from record headers in chunks."""
+    """RecordIndex of every image record of ``rec_dir``; labels read from record headers in chunks.
+
+    Every image record is checked to be whole, to hold image bytes and to carry an identity id
+    ``y``: an integer with 0 <= y < 2**24. The bound is where float32, the type of an ``IRHeader``
+    label, stops holding every integer (2**24 + 1 is stored as 2**24, merging two identities), so
+    no larger label survives packing; it also caps ``num_classes``-sized arrays (one count per
+    identity) at 2**24 entries whatever a corrupt header says, where a label of 2**40 would ask
+    for 8 TiB. Real datasets stay far below it (WebFace260M: 4M identities).
+    """
     rec, _ = rec_paths(rec_dir)
     layout, keys, offsets = image_records(rec_dir)
     if len(keys) == 0:
@@ -196,10 +317,13 @@ def load_filtered_index(index_path, rec_dir):
     index belongs to another dataset (or another packing) and training must not start.
     """
     _, idx = rec_paths(rec_dir)
+    if os.path.exists(index_path) and not os.path.isfile(index_path):
+        raise RecordIOError(f"filtered index {index_path} is not a file: give the .idx written by `python -m "
+                            f"plugins.face_nms select`")
     if not os.path.isfile(index_path):
         raise RecordIOError(f"filtered index {index_path} not found: run `python -m plugins.face_nms select` "
                             f"first or fix config.face_nms['index']")
-    keys, offsets = read_idx(index_path)
+    keys, offsets = read_idx(index_path, fix="select again")
     if len(keys) == 0:
         raise RecordIOError(f"filtered index {index_path} lists no records")
     if len(np.unique(keys)) != len(keys):
