@@ -6,12 +6,14 @@ first, then by size, so that identities of one size are adjacent and stack into 
 array without padding) and cuts it into blocks of whole identities. :class:`FeatureReader`
 gives each block's rows, from one of three sources:
 
-* ``memory``: the array, or a memory-mapped file the page cache holds, read row by row
-  through the mapping;
-* ``spill``: one sequential pass over the file appends each row to the temporary file of its
-  bucket (a range of blocks that fits ``memory_budget``), then each bucket file is read back
-  whole; the temporary files are unlinked when created, so nothing survives an interruption;
-* ``passes``: no temporary files; one sequential pass over the file per bucket.
+* ``memory``: an array in memory, indexed row by row;
+* ``passes``: one sequential pass over the file per bucket (a range of blocks whose rows fit
+  ``memory_budget``), gathering that bucket's rows. From the page cache a pass costs a fraction
+  of a second per GB, far less than faulting in scattered rows one by one (several microseconds
+  each), so this is the way for a file that memory holds;
+* ``spill``: for a file larger than memory, one sequential pass appends each row to the
+  temporary file of its bucket, then each bucket file is read back whole; the temporary files
+  are unlinked when created, so nothing survives an interruption.
 
 Singletons (identities of one face) are always kept and never read.
 """
@@ -98,8 +100,8 @@ class FeatureReader:
     """Rows of the blocks of an :class:`IdentityPlan`, read from ``features``.
 
     Args:
-        source: one of SOURCES, or None to choose: ``memory`` unless the features are a
-            memory-mapped file larger than 3/4 of the available memory, then ``spill`` when
+        source: one of SOURCES, or None to choose: ``memory`` for an array, ``passes`` for a
+            memory-mapped file up to 3/4 of the available memory; for a larger one ``spill`` when
             ``spill_dir`` is given and has room, else ``passes``.
         memory_budget: bytes of rows held at once by the ``spill`` and ``passes`` sources.
         log: callable receiving one line about the choice made.
@@ -117,7 +119,7 @@ class FeatureReader:
         if self._file is None:
             source = "memory"
         elif source is None:
-            source = "memory" if features.nbytes <= available_memory() * 3 // 4 else "spill"
+            source = "passes" if features.nbytes <= available_memory() * 3 // 4 else "spill"
         if source == "spill":
             if spill_dir is None:
                 source = "passes"
@@ -141,7 +143,7 @@ class FeatureReader:
             self._file = None
 
     def _read_rows(self, rows):
-        """Rows (any order) of an array or of a memory-mapped file the page cache holds."""
+        """Rows (any order) of an array, or of a memory-mapped file through the mapping."""
         if self._file is None:
             return np.asarray(self.features[rows])
         order = np.argsort(rows, kind="stable")
@@ -164,16 +166,18 @@ class FeatureReader:
             out.append(cur)
         return out
 
-    def _sequential(self, chunk_rows=1 << 16):
-        """(first row, float16 rows) of the whole file, in order."""
+    def _sequential(self, chunk_rows=1 << 15):
+        """(first row, rows) of the whole file, in order; a file larger than memory leaves the page cache."""
         fd, off, rb = self._file
         n = len(self.features)
         buf = np.empty((chunk_rows, self.d), self.features.dtype)
         view = memoryview(buf).cast("B")
+        drop = self.features.nbytes > available_memory() * 3 // 4
         for s in range(0, n, chunk_rows):
             e = min(s + chunk_rows, n)
             _pread_into(fd, view[:(e - s) * rb], off + s * rb)
-            _drop_cache(fd, off + s * rb, (e - s) * rb)
+            if drop:
+                _drop_cache(fd, off + s * rb, (e - s) * rb)
             yield s, buf[:e - s]
         self.passes_over_file += 1
 
