@@ -279,3 +279,25 @@ def test_face_nms_filter_refuses_an_index_of_another_dataset(rec_dir, relabelled
     assert len(run(rec_dir).imgidx) == json.load(open(tmp_path / "sel.json"))["kept"]
     with pytest.raises(ValueError, match=r"sel.idx .*labels"):
         run(relabelled)
+
+
+def test_face_nms_filter_compares_the_recorded_dataset(rec_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from plugins.face_nms.extract import dataset_provenance
+    from plugins.face_nms.filter import face_nms_filter
+    from plugins.face_nms.recordio_index import write_idx
+    index = read_index(rec_dir)
+    idx = str(tmp_path / "sel.idx")
+    write_idx(idx, index.keys[::2], index.offsets[::2])
+    recorded = dict(dataset_provenance(rec_dir), train_rec_bytes=1)
+    (tmp_path / "sel.json").write_text(json.dumps({"kept": 3, "dataset": recorded}))
+    cfg = SimpleNamespace(rec=rec_dir, dataset_filter="face_nms", face_nms=dict(index=idx))
+    cfg.get = lambda k, d=None: getattr(cfg, k, d)
+    with pytest.raises(ValueError, match=r"sel.idx was not selected from .*train_rec_bytes \(1 then"):
+        face_nms_filter(cfg, SimpleNamespace(imgidx=None))
+    (tmp_path / "sel.json").write_text(json.dumps({"dataset": dataset_provenance(rec_dir)}))
+    assert len(face_nms_filter(cfg, SimpleNamespace(imgidx=None)).imgidx) == len(index.keys[::2])
+    (tmp_path / "sel.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"sel.json \(the summary of .*sel.idx\) cannot be read"):
+        face_nms_filter(cfg, SimpleNamespace(imgidx=None))
