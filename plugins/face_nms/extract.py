@@ -276,9 +276,10 @@ def load_checkpoint_model(network, checkpoint, device, embedding_size=512, fp16=
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or unexpected or shape:
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(shape)[:2]]
         parts = [f"{len(missing)} of the network's {len(own)} tensors missing ({_examples(missing)})"
                  if missing else "", f"{len(unexpected)} unexpected ({_examples(unexpected)})" if unexpected else "",
-                 f"{len(shape)} of another shape ({', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in sorted(shape)[:2])})"
+                 f"{len(shape)} of another shape ({', '.join(shapes)}{', ...' if len(shape) > 2 else ''})"
                  if shape else ""]
         raise ValueError(f"{checkpoint} does not hold weights of network {network!r} with embedding size "
                          f"{embedding_size}: {'; '.join(p for p in parts if p)}; pass the --network and "
@@ -337,8 +338,9 @@ def _differences(old, new, prefix=""):
         return []
 
     def show(v):
-        text = json.dumps(v) if v is not None else "not recorded"
-        return text[:14] + "..." if len(text) > 17 else text
+        if v is None or isinstance(v, dict):
+            return "not recorded" if v is None else "recorded"
+        return v[:12] + "..." if isinstance(v, str) and len(v) > 16 else json.dumps(v)
     return [f"{prefix.rstrip('.') or 'provenance'} ({show(old)} then, {show(new)} now)"]
 
 
