@@ -599,8 +599,8 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     finally:
         marker.close()
         del it, loader
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
     elapsed = time.time() - t0
     _barrier()
     if rank != 0:
