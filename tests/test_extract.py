@@ -80,7 +80,8 @@ def test_resume_after_stop_equals_uninterrupted(rec_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, "features.npy"))
     with pytest.raises(FileNotFoundError, match="unfinished"):
         load_features(out)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"unfinished extraction of other inputs or settings: "
+                                         r"batch_size \(8 then, 4 now\)"):
         extract_features(rec_dir, out, model(), batch_size=4, workers=0, chunk_rows=16, progress=False)
     assert extract_features(rec_dir, out, model(), batch_size=8, workers=0, chunk_rows=16, progress=False) == out
     assert np.array_equal(np.load(os.path.join(full, "features.npy")), np.load(os.path.join(out, "features.npy")))
@@ -149,7 +150,7 @@ def test_select_cli_end_to_end_and_bad_inputs(rec_dir, tmp_path, capsys):
     other = tmp_path / "other"
     images, labels, _ = synthetic_faces(n_ids=3, seed=9)
     write_recordio(str(other), images, labels, "im2rec")
-    with pytest.raises(SystemExit, match="do not match"):
+    with pytest.raises(SystemExit, match=r"not extracted from .*other: train_idx_sha256 \(\w{12}\.\.\. then"):
         cli(["select", "--features", feat_dir, "--rec", str(other), "--ratio", "0.6", "--out", out])
     # non-finite features
     bad = tmp_path / "nan"
@@ -196,3 +197,159 @@ def test_onnx_model_through_insightface_model_zoo(rec_dir, tmp_path):
     assert json.load(open(os.path.join(onnx_out, "meta.json")))["model"] == "tiny.onnx"
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         OnnxModel(str(tmp_path / "missing.onnx"), "cpu")
+
+
+def _cli_error(argv, capsys):
+    """(exit status, message) of a CLI run that must fail with one line and no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    code = exc.value.code
+    err = capsys.readouterr().err.strip()
+    msg = code if isinstance(code, str) else err.splitlines()[-1] if err else ""
+    assert "Traceback" not in err and "\n" not in msg.strip(), err
+    return (1 if isinstance(code, str) else code), msg
+
+
+def _bad_record_dataset(path, payload):
+    import mxnet as mx
+    images, labels, _ = synthetic_faces(n_ids=2, seed=1)
+    keys = write_recordio(str(path), images, labels, "im2rec")
+    w = mx.recordio.MXIndexedRecordIO(str(path / "train2.idx"), str(path / "train2.rec"), "w")
+    r = mx.recordio.MXIndexedRecordIO(str(path / "train.idx"), str(path / "train.rec"), "r")
+    for k in sorted(int(k) for k in keys):
+        w.write_idx(k, r.read_idx(k) if k != 3 else mx.recordio.pack(mx.recordio.IRHeader(0, 0.0, 3, 0), payload))
+    w.close()
+    r.close()
+    os.replace(path / "train2.rec", path / "train.rec")
+    os.replace(path / "train2.idx", path / "train.idx")
+    return str(path)
+
+
+@pytest.mark.parametrize("payload,match", [(b"", "record 3 .*holds no image bytes"),
+                                           (b"not an image", "record 3 .*not hold a decodable image")])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_record_is_one_line(tmp_path, capsys, payload, match, workers):
+    import re
+    rec = _bad_record_dataset(tmp_path / "rec", payload)
+    onnx = _tiny_onnx(tmp_path)
+    code, msg = _cli_error(["extract", "--rec", rec, "--out", str(tmp_path / "f"), "--onnx", onnx, "--device", "cpu",
+                            "--workers", str(workers), "--batch-size", "4", "--chunk-rows", "8"], capsys)
+    assert code == 1 and re.search(match, msg) and "train.rec" in msg and "repack" in msg, msg
+
+
+def _tiny_onnx(tmp_path):
+    path = str(tmp_path / "tiny.onnx")
+    if not os.path.exists(path):
+        torch.onnx.export(TinyNet(seed=0).eval(), torch.zeros(1, 3, 112, 112), path, input_names=["data"],
+                          output_names=["fc1"], dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}},
+                          opset_version=13, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a protobuf \x00\xff" * 10])
+def test_bad_onnx_file_is_one_line(rec_dir, tmp_path, capsys, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(tmp_path / "f"), "--onnx", str(bad),
+                            "--device", "cpu"], capsys)
+    assert code == 1 and "bad.onnx is not an ONNX model" in msg or "bad.onnx is not a recognition model" in msg, msg
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_onnx_file_is_one_line(rec_dir, tmp_path, capsys):
+    path = _tiny_onnx(tmp_path)
+    os.chmod(path, 0)
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(tmp_path / "f"), "--onnx", path,
+                            "--device", "cpu"], capsys)
+    assert code == 1 and "cannot be read" in msg and "tiny.onnx" in msg
+
+
+@pytest.mark.parametrize("argv,match", [(["--embedding-size", "-5"], "--embedding-size: must be a positive integer"),
+                                        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+                                        (["--workers", "-1"], "--workers: must be an integer >= 0")])
+def test_bad_extract_numbers_are_usage_errors(rec_dir, tmp_path, capsys, argv, match):
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(tmp_path / "f"), "--onnx", "x.onnx"] + argv,
+                           capsys)
+    assert code == 2 and match in msg, msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_device_without_gpu_is_one_line(rec_dir, tmp_path, capsys):
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(tmp_path / "f"), "--onnx", _tiny_onnx(tmp_path),
+                            "--device", "cuda"], capsys)
+    assert code == 1 and "--device cuda: torch sees no CUDA GPU here; use --device cpu" in msg, msg
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(tmp_path / "f"), "--onnx", _tiny_onnx(tmp_path),
+                            "--device", "gpu0"], capsys)
+    assert code == 1 and "--device 'gpu0' is not a torch device" in msg, msg
+
+
+def test_extract_help_shows_defaults_and_workers_follow_the_machine(capsys):
+    with pytest.raises(SystemExit):
+        cli(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cpus = min(len(os.sched_getaffinity(0)), 16)
+    assert f"at most 16: {cpus})" in text and "(default: 256)" in text and "(default: 512)" in text
+    assert "(default: 32768)" in text and "--overwrite" in text
+
+
+def test_extract_cli_reports_done_and_already_done(rec_dir, tmp_path, capsys):
+    out = str(tmp_path / "f")
+    argv = ["extract", "--rec", rec_dir, "--out", out, "--onnx", _tiny_onnx(tmp_path), "--device", "cpu",
+            "--workers", "0", "--batch-size", "16"]
+    cli(argv)
+    assert capsys.readouterr().out.strip().endswith(f"features written to {out}")
+    cli(argv)
+    assert "already holds these features (same dataset, model and flip); nothing to do" in capsys.readouterr().out
+    code, msg = _cli_error(argv + ["--flip"], capsys)
+    assert code == 1 and "flip (false then, true now)" in msg and "--overwrite" in msg, msg
+    cli(argv + ["--flip", "--overwrite"])
+    assert json.load(open(os.path.join(out, "meta.json")))["flip"] is True
+    assert json.load(open(os.path.join(out, "meta.json")))["provenance"]["model"]["onnx_sha256"]
+
+
+@pytest.fixture
+def host_backbones(tmp_path, monkeypatch):
+    """A copy of the host's backbones package (the checkout itself is never written to)."""
+    import shutil
+    host = os.environ.get("INSIGHTFACE_DIR")
+    if not host:
+        pytest.skip("INSIGHTFACE_DIR is not set: checkpoint extraction needs the host's backbones package")
+    at = tmp_path / "host" / "recognition" / "arcface_torch"
+    shutil.copytree(os.path.join(host, "recognition", "arcface_torch", "backbones"), at / "backbones",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("INSIGHTFACE_DIR", str(tmp_path / "host"))
+    monkeypatch.syspath_prepend(str(at))
+    return at
+
+
+def test_checkpoint_errors_are_one_line(rec_dir, tmp_path, capsys, host_backbones):
+    from backbones import get_model
+    ckpt = tmp_path / "model.pt"
+    torch.save(get_model("r18", fp16=False, num_features=64).state_dict(), ckpt)
+    base = ["extract", "--rec", rec_dir, "--device", "cpu", "--workers", "0", "--checkpoint"]
+    garbage, empty = tmp_path / "garbage.pt", tmp_path / "empty.pt"
+    garbage.write_bytes(b"not a checkpoint" * 100)
+    empty.write_bytes(b"")
+    for path in (garbage, empty):
+        code, msg = _cli_error(base + [str(path), "--network", "r18", "--out", str(tmp_path / "f")], capsys)
+        assert code == 1 and f"{path} is not a PyTorch checkpoint torch.load can read" in msg, msg
+    code, msg = _cli_error(base + [str(ckpt), "--network", "nosuchnet", "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and "--network 'nosuchnet' is not a network of the host's backbones.get_model" in msg, msg
+    code, msg = _cli_error(base + [str(ckpt), "--network", "r50", "--embedding-size", "64",
+                                   "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and "does not hold weights of network 'r50'" in msg and "missing (" in msg and len(msg) < 600, msg
+    code, msg = _cli_error(base + [str(ckpt), "--network", "r18", "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and "6 of another shape (fc.bias (64,) vs (512,), fc.weight (64, 25088) vs (512, 25088), ...)" in msg and len(msg) < 600, msg
+    assert not (tmp_path / "f").exists()
+    cli(base + [str(ckpt), "--network", "r18", "--embedding-size", "64", "--out", str(tmp_path / "f"),
+                "--batch-size", "16"])
+    prov = json.load(open(tmp_path / "f" / "meta.json"))["provenance"]["model"]
+    import hashlib
+    assert prov == {"checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "network": "r18",
+                    "embedding_size": 64}
+    # the checkpoint changed under a resumable extraction
+    torch.save(get_model("r18", fp16=False, num_features=64).state_dict(), ckpt)
+    code, msg = _cli_error(base + [str(ckpt), "--network", "r18", "--embedding-size", "64",
+                                   "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and "model.checkpoint_sha256" in msg and "--overwrite" in msg, msg

@@ -78,9 +78,15 @@ def cmd_extract(args):
     from .extract import OnnxModel, extract_features, load_checkpoint_model
     if bool(args.onnx) == bool(args.checkpoint):
         sys.exit("extract: give --checkpoint model.pt --network NAME (arcface_torch) or --onnx model.onnx")
+    device = args.device
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
-    device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if args.onnx:
@@ -92,12 +98,37 @@ def cmd_extract(args):
         if insightface:
             sys.path.insert(0, os.path.join(insightface, "recognition", "arcface_torch"))
         model = load_checkpoint_model(args.network, args.checkpoint, device, args.embedding_size, not args.fp32)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     done = extract_features(args.rec, args.out, model, batch_size=args.batch_size, workers=args.workers,
-                            flip=args.flip, chunk_rows=args.chunk_rows, max_chunks=args.max_chunks)
-    if done:
-        print(f"features written to {done}")
-    elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                            flip=args.flip, chunk_rows=args.chunk_rows, max_chunks=args.max_chunks,
+                            overwrite=args.overwrite, log=print if rank0 else None)
+    if not done and rank0:
         print(f"stopped before the end; run the same command again to continue ({args.out})")
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _workers(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: decode in the main process), got {text!r}")
+    return value
+
+
+def default_workers(cap=16):
+    """Decoding processes: the CPUs this process may run on, at most ``cap``."""
+    return max(1, min(len(os.sched_getaffinity(0)), cap))
 
 
 def cmd_select(args):
@@ -121,7 +152,8 @@ def cmd_select(args):
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
     with guards.writing(f"{args.out} or the summary and plots beside it"):
-        info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels)
+        info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
+                               dataset=meta.get("provenance", {}).get("dataset"))
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
           f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json")
@@ -153,18 +185,25 @@ def main(argv=None):
 
     s = sub.add_parser("extract", help="proxy-model features of every image record (resumable, torchrun-able)")
     s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
-    s.add_argument("--out", required=True, help="output folder (features.npy, labels.npy, keys.npy, meta.json)")
+    s.add_argument("--out", required=True, help="output folder (features.npy, labels.npy, keys.npy, meta.json): "
+                   "new, empty, or an extraction of the same dataset, model and flip to resume")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an extraction of another dataset, model or flip found in --out (default: refuse)")
     s.add_argument("--checkpoint", help="arcface_torch model.pt (with --network)")
     s.add_argument("--network", help="arcface_torch network name of the checkpoint (r50, r100, ...)")
-    s.add_argument("--embedding-size", type=int, default=512)
+    s.add_argument("--embedding-size", type=_positive, default=512,
+                   help="feature size the checkpoint was trained with (default: %(default)s)")
     s.add_argument("--onnx", help="ONNX recognition model (insightface model_zoo)")
-    s.add_argument("--flip", action="store_true", help="add the feature of the mirrored image")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--workers", type=int, default=8, help="decoding processes")
-    s.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    s.add_argument("--fp32", action="store_true", help="no AMP on the GPU")
-    s.add_argument("--chunk-rows", type=int, default=1 << 15, help="rows per resumable chunk")
-    s.add_argument("--max-chunks", type=int, help="stop after this many chunks per rank; rerun to continue")
+    s.add_argument("--flip", action="store_true", help="add the feature of the mirrored image (default: off)")
+    s.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default: %(default)s)")
+    s.add_argument("--workers", type=_workers, default=default_workers(),
+                   help="decoding processes (default: the CPUs available, at most 16: %(default)s)")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: %(default)s)")
+    s.add_argument("--fp32", action="store_true", help="no AMP on the GPU (default: AMP on)")
+    s.add_argument("--chunk-rows", type=_positive, default=1 << 15,
+                   help="rows per resumable chunk (default: %(default)s)")
+    s.add_argument("--max-chunks", type=_positive,
+                   help="stop after this many chunks per rank; rerun to continue (default: all)")
     s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("select", help="Face-NMS selection, written as a filtered .idx + summary + plots")

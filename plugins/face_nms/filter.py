@@ -13,7 +13,13 @@ reader reads the same index file (``cfg.train_idx``).
 
 keeps a random per-identity sample instead (the baseline of the paper's comparison); its
 index file is written to ``cfg.output``.
+
+A filtered index must belong to ``config.rec``: every key at the same offset, and, where
+``select`` wrote its summary (``<index>.json``) beside it, the dataset recorded there (train.idx
+digest and train.rec size) or, for a summary without one, the per-identity counts it reports,
+recomputed from the labels of ``config.rec``.
 """
+import json
 import os
 
 import numpy as np
@@ -40,6 +46,49 @@ def _restrict(cfg, dataset, keys, index_path):
     return dataset
 
 
+def _summary(index):
+    path = os.path.splitext(index)[0] + ".json"
+    if not os.path.exists(path):
+        return path, None
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} (the summary of {index}) cannot be read ({exc}); select again") from None
+    return path, info if isinstance(info, dict) else {}
+
+
+def check_index_dataset(index, rec_dir, keys):
+    """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``."""
+    from .extract import _differences, dataset_provenance
+    path, info = _summary(index)
+    if info is None:
+        return
+    other = f"filtered index {index} was not selected from {rec_dir}"
+    if isinstance(info.get("dataset"), dict):
+        diff = _differences(info["dataset"], dataset_provenance(rec_dir))
+        if diff:
+            raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
+        return
+    if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
+        return
+    full = read_index(rec_dir)
+    sizes = np.bincount(full.labels)
+    kept = np.bincount(full.labels[np.isin(full.keys, keys)], minlength=len(sizes))[sizes > 0]
+    values, counts = np.unique(kept, return_counts=True)
+    hist = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    recorded = {str(k): int(v) for k, v in info["kept_per_identity_histogram"].items()}
+    if info["total"] != len(full) or info["kept"] != len(keys) or hist != recorded:
+        raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces and per-identity "
+                            f"kept counts {_short(recorded)}; {rec_dir} gives {len(full)} faces and "
+                            f"{_short(hist)}); select again from features of this dataset")
+
+
+def _short(hist, k=4):
+    items = sorted(hist.items(), key=lambda kv: int(kv[0]))
+    return "{" + ", ".join(f"{a}: {b}" for a, b in items[:k]) + (", ...}" if len(items) > k else "}")
+
+
 @register_dataset_filter("face_nms")
 def face_nms_filter(cfg, dataset):
     """Keeps the records listed in ``config.face_nms['index']`` (written by ``face_nms select``)."""
@@ -47,7 +96,9 @@ def face_nms_filter(cfg, dataset):
     if not index:
         raise ValueError("config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          "plugins.face_nms select`)")
-    return _restrict(cfg, dataset, load_filtered_index(index, cfg.rec), index)
+    keys = load_filtered_index(index, cfg.rec)
+    check_index_dataset(index, cfg.rec, keys)
+    return _restrict(cfg, dataset, keys, index)
 
 
 @register_dataset_filter("random")

@@ -52,23 +52,27 @@ def report_paths(idx_path):
     return [f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
 
 
-def write_selection(idx_path, keys, offsets, sel, labels):
+def write_selection(idx_path, keys, offsets, sel, labels, dataset=None):
     """Writes the filtered index (``keys``/``offsets`` of the kept records) with its summary
     ``<stem>.json`` and plots ``<stem>_retention.png``, ``<stem>_nn_cosine.png``, as one set:
-    an interruption leaves the previous set or the new one, never a mix."""
+    an interruption leaves the previous set or the new one, never a mix. ``dataset``: the
+    provenance of the dataset the features came from, recorded in the summary (the training
+    filter compares it with ``config.rec``)."""
     paths = [idx_path] + report_paths(idx_path)
     with output_set(paths, ["", "", ".png", ".png"]) as (tmp_idx, tmp_json, tmp_retention, tmp_nn):
         write_idx(tmp_idx, keys, offsets)
-        return _write_report(sel, labels, tmp_json, tmp_retention, tmp_nn)
+        return _write_report(sel, labels, dataset, tmp_json, tmp_retention, tmp_nn)
 
 
-def _write_report(sel, labels, json_path, retention_path, nn_path):
+def _write_report(sel, labels, dataset, json_path, retention_path, nn_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = np.asarray(labels, np.int64)
     info = summary(sel, labels)
+    if dataset is not None:
+        info["dataset"] = dataset
     with open(json_path, "w") as f:
         json.dump(info, f, indent=1)
 
