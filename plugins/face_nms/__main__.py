@@ -76,15 +76,7 @@ def cmd_extract(args):
     guards.check_extract(args)
     import torch
     from .extract import OnnxModel, extract_features, load_checkpoint_model
-    if bool(args.onnx) == bool(args.checkpoint):
-        sys.exit("extract: give --checkpoint model.pt --network NAME (arcface_torch) or --onnx model.onnx")
     device = args.device
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -92,8 +84,6 @@ def cmd_extract(args):
     if args.onnx:
         model = OnnxModel(args.onnx, device)
     else:
-        if not args.network:
-            sys.exit("extract: --checkpoint needs --network (r18, r50, r100, mbf, ...)")
         insightface = os.environ.get("INSIGHTFACE_DIR")
         if insightface:
             sys.path.insert(0, os.path.join(insightface, "recognition", "arcface_torch"))
@@ -104,16 +94,6 @@ def cmd_extract(args):
                             overwrite=args.overwrite, log=print if rank0 else None)
     if not done and rank0:
         print(f"stopped before the end; run the same command again to continue ({args.out})")
-
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _workers(text):
@@ -191,18 +171,18 @@ def main(argv=None):
                    help="replace an extraction of another dataset, model or flip found in --out (default: refuse)")
     s.add_argument("--checkpoint", help="arcface_torch model.pt (with --network)")
     s.add_argument("--network", help="arcface_torch network name of the checkpoint (r50, r100, ...)")
-    s.add_argument("--embedding-size", type=_positive, default=512,
+    s.add_argument("--embedding-size", type=guards.positive, default=512,
                    help="feature size the checkpoint was trained with (default: %(default)s)")
     s.add_argument("--onnx", help="ONNX recognition model (insightface model_zoo)")
     s.add_argument("--flip", action="store_true", help="add the feature of the mirrored image (default: off)")
-    s.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default: %(default)s)")
+    s.add_argument("--batch-size", type=guards.positive, default=256, help="images per forward pass (default: %(default)s)")
     s.add_argument("--workers", type=_workers, default=default_workers(),
                    help="decoding processes (default: the CPUs available, at most 16: %(default)s)")
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: %(default)s)")
     s.add_argument("--fp32", action="store_true", help="no AMP on the GPU (default: AMP on)")
-    s.add_argument("--chunk-rows", type=_positive, default=1 << 15,
+    s.add_argument("--chunk-rows", type=guards.positive, default=1 << 15,
                    help="rows per resumable chunk (default: %(default)s)")
-    s.add_argument("--max-chunks", type=_positive,
+    s.add_argument("--max-chunks", type=guards.positive,
                    help="stop after this many chunks per rank; rerun to continue (default: all)")
     s.set_defaults(func=cmd_extract)
 

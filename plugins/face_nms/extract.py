@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_output
-from .recordio_index import MAGIC, RecordIOError, image_records, peek_headers, read_index, rec_paths
+from .recordio_index import MAGIC, RecordIOError, image_records, read_index, rec_paths, record_labels
 
 IMAGE_SIZE = 112
 OWN = ("features.npy", "features.npy.partial", "keys.npy", "labels.npy", "meta.json", "run.json")
@@ -655,7 +655,7 @@ def _check_dataset(feature_dir, meta, rec_dir, labels, keys):
     if recorded is not None and len(rows) > LABEL_SAMPLE:
         rows = np.unique(np.linspace(0, len(keys) - 1, LABEL_SAMPLE).astype(np.int64))
     rec, _ = rec_paths(rec_dir)
-    _, now = peek_headers(rec, rec_offsets[rows])
+    now = record_labels(rec, rec_keys[rows], rec_offsets[rows])
     wrong = np.flatnonzero(now != labels[rows])
     if len(wrong):
         k = int(rows[wrong[0]])

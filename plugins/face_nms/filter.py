@@ -16,8 +16,8 @@ index file is written to ``cfg.output``.
 
 A filtered index must belong to ``config.rec``: every key at the same offset, and, where
 ``select`` wrote its summary (``<index>.json``) beside it, the dataset recorded there (train.idx
-digest and train.rec size) or, for a summary without one, the per-identity counts it reports,
-recomputed from the labels of ``config.rec``.
+digest, train.rec size and the labels of a sample of kept records) or, for a summary without
+one, the per-identity counts it reports, recomputed from the labels of ``config.rec``.
 """
 import json
 import os
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..registry import register_dataset_filter
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
-from .recordio_index import RecordIOError, load_filtered_index, read_index, write_idx
+from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
 
 
 def _options(cfg):
@@ -66,9 +66,13 @@ def check_index_dataset(index, rec_dir, keys):
         return
     other = f"filtered index {index} was not selected from {rec_dir}"
     if isinstance(info.get("dataset"), dict):
-        diff = _differences(info["dataset"], dataset_provenance(rec_dir))
+        recorded = dict(info["dataset"])
+        sample = recorded.pop("label_sample", None)
+        diff = _differences(recorded, dataset_provenance(rec_dir))
         if diff:
             raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
+        if isinstance(sample, dict):
+            _check_label_sample(index, rec_dir, sample, other, path)
         return
     if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
         return
@@ -82,6 +86,25 @@ def check_index_dataset(index, rec_dir, keys):
         raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces and per-identity "
                             f"kept counts {_short(recorded)}; {rec_dir} gives {len(full)} faces and "
                             f"{_short(hist)}); select again from features of this dataset")
+
+
+def _check_label_sample(index, rec_dir, sample, other, path):
+    rec, _ = rec_paths(rec_dir)
+    idx_keys, idx_offsets = read_idx(index)
+    want_keys = np.asarray(sample.get("keys", []), np.int64)
+    want = np.asarray(sample.get("labels", []), np.int64)
+    pos = np.searchsorted(idx_keys, want_keys, sorter=np.argsort(idx_keys, kind="stable"))
+    order = np.argsort(idx_keys, kind="stable")
+    if len(want_keys) != len(want) or np.any(pos >= len(idx_keys)) or \
+            not np.array_equal(idx_keys[order[np.minimum(pos, len(idx_keys) - 1)]], want_keys):
+        raise RecordIOError(f"{other}: {path} lists sampled keys that {index} does not; select again")
+    now = record_labels(rec, want_keys, idx_offsets[order[pos]])
+    wrong = np.flatnonzero(now != want)
+    if len(wrong):
+        k = wrong[0]
+        raise RecordIOError(f"{other}: its labels differ ({len(wrong)} of {len(want)} sampled records; key "
+                            f"{int(want_keys[k])}: {int(want[k])} in {path}, {int(now[k])} in {rec}); select again "
+                            f"from features of this dataset")
 
 
 def _short(hist, k=4):

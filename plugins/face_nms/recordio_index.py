@@ -293,9 +293,13 @@ def read_index(rec_dir, chunk=CHUNK):
     layout, keys, offsets = image_records(rec_dir)
     if len(keys) == 0:
         raise RecordIOError(f"{rec_dir} holds no image records: the dataset is empty")
-    labels = np.concatenate([_labels(rec, keys[s:s + chunk], offsets[s:s + chunk])
-                             for s in range(0, len(keys), chunk)])
-    return RecordIndex(rec_dir, layout, keys, offsets, labels)
+    return RecordIndex(rec_dir, layout, keys, offsets, record_labels(rec, keys, offsets, chunk))
+
+
+def record_labels(rec, keys, offsets, chunk=CHUNK):
+    """Identity labels (int64) of the image records at ``offsets`` of ``rec``, read in chunks of headers."""
+    return np.concatenate([_labels(rec, keys[s:s + chunk], offsets[s:s + chunk])
+                           for s in range(0, len(keys), chunk)])
 
 
 def write_idx(path, keys, offsets, chunk=1 << 20):

@@ -7,6 +7,8 @@ import numpy as np
 from .files import output_set
 from .recordio_index import write_idx
 
+LABEL_SAMPLE = 4096
+
 
 def summary(sel, labels):
     labels = np.asarray(labels, np.int64)
@@ -59,6 +61,12 @@ def write_selection(idx_path, keys, offsets, sel, labels, dataset=None):
     provenance of the dataset the features came from, recorded in the summary (the training
     filter compares it with ``config.rec``)."""
     paths = [idx_path] + report_paths(idx_path)
+    if dataset is not None:
+        # labels of a few kept records: the filter compares them with config.rec's, which the
+        # dataset digest (train.idx and the .rec size) alone would not catch after a relabelling
+        pick = np.unique(np.linspace(0, len(sel.keep) - 1, min(LABEL_SAMPLE, len(sel.keep))).astype(np.int64))
+        dataset = dict(dataset, label_sample={"keys": np.asarray(keys)[pick].tolist(),
+                                              "labels": np.asarray(labels)[sel.keep[pick]].tolist()})
     with output_set(paths, ["", "", ".png", ".png"]) as (tmp_idx, tmp_json, tmp_retention, tmp_nn):
         write_idx(tmp_idx, keys, offsets)
         return _write_report(sel, labels, dataset, tmp_json, tmp_retention, tmp_nn)
