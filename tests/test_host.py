@@ -280,8 +280,8 @@ torch.cuda.current_stream = lambda *a, **k: _Stream()
 torch.cuda.stream = lambda s: contextlib.nullcontext()
 torch.set_num_threads(2)
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "29533"))
-torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+# a file rendezvous: no TCP port to collide with other runs on the machine
+torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(OUT, "rendezvous"), rank=0, world_size=1)
 
 from backbones import get_model
 from dataset import get_dataloader
