@@ -38,16 +38,60 @@ def tree(path):
     return out
 
 
+PINNED = "insightface commit 0159b24d"
+
+
+def install(*args, repo=ROOT):
+    return subprocess.run(["bash", os.path.join(repo, "install.sh"), *args], capture_output=True, text=True)
+
+
+def pristine_copy(src_at, root):
+    """Copies arcface_torch from src_at to root/recognition/arcface_torch and makes the copy pristine.
+
+    An INSIGHTFACE_DIR that install.sh installed into is uninstalled in the copy. Returns None, or why
+    the copy cannot be made pristine (the tests skip with that reason).
+    """
+    if not os.path.isfile(os.path.join(src_at, "train_v2.py")):
+        return f"{src_at}/train_v2.py not found: INSIGHTFACE_DIR must be the root of an insightface checkout"
+    at = os.path.join(root, "recognition", "arcface_torch")
+    shutil.copytree(src_at, at, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"), symlinks=True)
+    if os.path.exists(os.path.join(at, ".arcface-plugins-manifest")):
+        r = install("--uninstall", root)
+        if r.returncode != 0:
+            return f"{src_at} holds an install that cannot be undone in a copy: {r.stderr.strip().replace(at, src_at)}"
+        # a recipe edited after install is kept by --uninstall; in the copy it is not the host's file
+        for c in os.listdir(os.path.join(ROOT, "configs")):
+            if os.path.isfile(os.path.join(at, "configs", c)):
+                os.remove(os.path.join(at, "configs", c))
+    for line in open(os.path.join(ROOT, "patches", "host.sha256")):
+        if line.startswith("#") or not line.strip():
+            continue
+        want, path, state = line.split()
+        p = os.path.join(at, path)
+        if state == "pristine" and (not os.path.isfile(p) or hashlib.sha256(open(p, "rb").read()).hexdigest() != want):
+            return (f"{src_at}/{path} is not the file of {PINNED} (sha256 differs or missing); "
+                    f"host tests need that checkout, pristine or installed by install.sh")
+    if os.path.lexists(os.path.join(at, "plugins")):
+        return f"{src_at}/plugins exists but the install manifest does not: move it away to run the host tests"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory):
+    """A pristine copy of INSIGHTFACE_DIR's arcface_torch, made once; tests copy it again."""
+    root = str(tmp_path_factory.mktemp("pristine"))
+    why = pristine_copy(HOST_AT, root)
+    if why:
+        pytest.skip(why)
+    return os.path.join(root, "recognition", "arcface_torch")
+
+
 @pytest.fixture
-def host(tmp_path):
+def host(pristine, tmp_path):
     root = tmp_path / "insightface"
     at = root / "recognition" / "arcface_torch"
-    shutil.copytree(HOST_AT, at, ignore=shutil.ignore_patterns("__pycache__", "work_dirs"), symlinks=True)
+    shutil.copytree(pristine, at, symlinks=True)
     return str(root), str(at)
-
-
-def install(*args):
-    return subprocess.run(["bash", os.path.join(ROOT, "install.sh"), *args], capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -82,6 +126,16 @@ def test_install_is_idempotent_and_uninstall_restores_every_byte(host):
     r3 = install("--uninstall", root)
     assert r3.returncode == 0, r3.stderr
     assert tree(at) == before
+
+
+def test_an_installed_checkout_gives_the_same_pristine_copy(installed, pristine, tmp_path):
+    root, at = installed
+    with open(os.path.join(at, "configs", sorted(os.listdir(os.path.join(ROOT, "configs")))[0]), "a") as f:
+        f.write("# edited after install\n")
+    before = tree(at)
+    assert pristine_copy(at, str(tmp_path / "again")) is None
+    assert tree(at) == before, "the checkout given is never modified"
+    assert tree(str(tmp_path / "again" / "recognition" / "arcface_torch")) == tree(pristine)
 
 
 def test_refuses_a_modified_host_file_and_changes_nothing(host):
@@ -226,8 +280,8 @@ torch.cuda.current_stream = lambda *a, **k: _Stream()
 torch.cuda.stream = lambda s: contextlib.nullcontext()
 torch.set_num_threads(2)
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "29533"))
-torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+# a file rendezvous: no TCP port to collide with other runs on the machine
+torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(OUT, "rendezvous"), rank=0, world_size=1)
 
 from backbones import get_model
 from dataset import get_dataloader
