@@ -304,7 +304,9 @@ def test_more_bad_inputs_of_stats_and_proxy_subset(faces, tmp_path):
     images, labels = faces
     d = write_records(str(tmp_path / "ds"), [(k, float(labels[k]), jpeg(images[k])) for k in range(6)])
     out = str(tmp_path / "p.idx")
-    assert "seed" in cli_error("proxy-subset", "--rec", d, "--ratio", "0.5", "--seed", "-1", "--out", out)
+    with pytest.raises(SystemExit) as e:  # a bad option value is a usage error: exit 2, one line
+        cli(["proxy-subset", "--rec", d, "--ratio", "0.5", "--seed", "-1", "--out", out])
+    assert e.value.code == 2
     assert not os.path.exists(out)
     message = cli_error("stats", "--rec", d, "--index", str(tmp_path))
     assert str(tmp_path) in message and "not a file" in message

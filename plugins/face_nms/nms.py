@@ -59,11 +59,12 @@ class Ranker:
         # are equally far from their mean) get scores equal to ~1e-16, which the 2^-20 grid
         # makes exactly equal, so they rank by row index on every device and library
         X64 = torch.from_numpy(np.ascontiguousarray(X)).to(self.device).to(torch.float64)
-        finite = torch.isfinite(X64).all(dim=2)
+        norm = torch.linalg.vector_norm(X64, dim=2, keepdim=True)
+        finite = torch.isfinite(norm[..., 0])  # a norm is finite iff every value of its row is
         if not bool(finite.all()):
             row = int(np.asarray(rows)[(~finite).cpu().numpy()][0])
             raise ValueError(f"features contain non-finite values (row {row}); extract them again")
-        X64.div_(torch.linalg.vector_norm(X64, dim=2, keepdim=True).clamp_min_(1e-12))
+        X64.div_(norm.clamp_min_(1e-12))
         if self.centers is None:
             c = X64.sum(dim=1)
         else:
