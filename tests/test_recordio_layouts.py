@@ -309,7 +309,7 @@ def test_more_bad_inputs_of_stats_and_proxy_subset(faces, tmp_path):
     assert e.value.code == 2
     assert not os.path.exists(out)
     message = cli_error("stats", "--rec", d, "--index", str(tmp_path))
-    assert str(tmp_path) in message and "not a file" in message
+    assert str(tmp_path) in message and "is a folder" in message
     no_lines = str(tmp_path / "one_line.idx")
     with open(no_lines, "wb") as f:
         f.write(b"7" * (3 << 20))  # no line end: refused without holding the whole file
