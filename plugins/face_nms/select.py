@@ -101,7 +101,11 @@ def _exact_matmul():
 class _Run:
     """The batches of a plan's blocks, and the kept mask of every row (bit l: kept at grid[l])."""
 
-    def __init__(self, plan, ranker, budget=1 << 22, max_rows=1 << 14):
+    def __init__(self, plan, ranker, budget=1 << 22, max_rows=None):
+        if max_rows is None:
+            # on the CPU a batch whose float64 features stay in cache (~4 MB) is several times faster
+            # than a large one; on a GPU large batches amortise the kernel launches
+            max_rows = 1 << 10 if ranker.device.type == "cpu" else 1 << 14
         self.plan, self.ranker, self.budget, self.max_rows = plan, ranker, budget, max_rows
         self.masks = np.zeros(plan.total, np.int64)
         self.masks[plan.singles] = -1  # a lone face is kept at every threshold
