@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 
@@ -245,3 +246,56 @@ def test_two_face_identities_rank_by_row_on_any_device(order):
     labels = np.repeat(np.arange(n), 2)
     sel = select_core_set(feats, labels, threshold=0.5, order=order)
     assert np.array_equal(sel.keep, np.arange(0, 2 * n, 2))
+
+
+def _memmap(tmp_path, feats):
+    mm = np.lib.format.open_memmap(tmp_path / "features.npy", mode="w+", dtype=np.float16, shape=feats.shape)
+    mm[:] = feats
+    mm.flush()
+    return np.load(tmp_path / "features.npy", mmap_mode="r")
+
+
+@pytest.mark.parametrize("source", ["spill", "passes"])
+def test_ratio_search_reads_the_file_as_often_as_one_threshold(tmp_path, source):
+    feats, labels = clustered_features(n_ids=400, seed=13)
+    sf, sl, _ = shuffle(feats, labels)
+    mm = _memmap(tmp_path, sf)
+    budget = 800 * sf.shape[1] * 2  # a few buckets
+    kw = dict(source=source, spill_dir=str(tmp_path), memory_budget=budget, chunk_rows=100, search_sample=40)
+    sel = select_core_set(mm, sl, ratio=0.6, **kw)
+    assert abs(sel.fraction - 0.6) <= 0.005 and sel.passes == 1
+    fixed = select_core_set(mm, sl, threshold=sel.threshold, **kw)
+    assert np.array_equal(fixed.keep, sel.keep)
+    assert sel.file_reads == fixed.file_reads == (1 if source == "spill" else fixed.file_reads)
+    assert np.array_equal(select_core_set(sf, sl, ratio=0.6, search_sample=40).keep, sel.keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]
+
+
+def test_killed_out_of_core_selection_leaves_no_temporary_file(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    feats, labels = clustered_features(n_ids=200, seed=14)
+    sf, sl, _ = shuffle(feats, labels)
+    _memmap(tmp_path, sf)
+    np.save(tmp_path.parent / "labels_kill.npy", sl)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {root!r})
+        import numpy as np
+        from plugins.face_nms import feature_stream
+        real = feature_stream.FeatureReader._bucket_blocks
+        def killed(self, *a):
+            # every bucket file is written: die before reading them back
+            assert len(os.listdir({str(tmp_path)!r})) == 1, "temporary files must be unlinked"
+            os.kill(os.getpid(), signal.SIGKILL)
+        feature_stream.FeatureReader._bucket_blocks = killed
+        from plugins.face_nms.select import select_core_set
+        mm = np.load({str(tmp_path / "features.npy")!r}, mmap_mode="r")
+        select_core_set(mm, np.load({str(tmp_path.parent / "labels_kill.npy")!r}), threshold=0.5, source="spill",
+                        spill_dir={str(tmp_path)!r}, memory_budget=300 * 64)
+    """)
+    rc = subprocess.run([sys.executable, "-c", code]).returncode
+    assert rc == -9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]

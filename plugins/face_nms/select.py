@@ -40,6 +40,7 @@ class Selection:
     search: list = field(default_factory=list)  # (threshold, kept fraction) evaluated on all faces
     passes: int = 1  # streamed passes over the features
     source: str = "memory"  # how the rows were read: memory, spill or passes
+    file_reads: int = 0  # sequential reads of the whole feature file (several per pass for "passes")
 
     @property
     def kept(self):
@@ -289,7 +290,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         reader.close()
     return Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
                      order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes,
-                     source=reader.source)
+                     source=reader.source, file_reads=reader.passes_over_file)
 
 
 @_exact_matmul()
