@@ -116,14 +116,14 @@ def test_recipes_load_with_the_host_config_loader(installed):
         """)
     cfgs = json.loads(out)
     fast = {n: c for n, c in cfgs.items() if "fastface" in n}
-    assert len(fast) == 6
+    assert len(fast) == 8
     for c in fast.values():
         assert c["lr_scheduler"] == "fastface" and c["num_epoch"] == 5
     for n in ("ms1mv3_r100_fastface", "wf4m_r100_fastface", "wf8m_r100_fastface", "wf12m_r100_fastface",
               "wf12m_r50_fastface"):
         assert cfgs[n]["batch_size"] == 128 and cfgs[n]["lr"] == 0.02
     nms = {n: c for n, c in cfgs.items() if "facenms" in n}
-    assert len(nms) == 3 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
+    assert len(nms) == 5 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
 
 
 def test_default_config_builds_the_host_polynomial_scheduler(installed):
