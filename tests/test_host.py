@@ -75,7 +75,7 @@ def test_install_is_idempotent_and_uninstall_restores_every_byte(host):
     ours = sorted(os.listdir(os.path.join(ROOT, "configs")))
     assert all(f"configs/{c}" in after for c in ours)
     changed = {p for p in before if after.get(p) != before[p]}
-    assert changed == {"train_v2.py", "dataset.py"}, "only the two patched files change"
+    assert changed == {"train_v2.py", "dataset.py", "lr_scheduler.py"}, "only the patched files change"
     r2 = install("--no-deps", root)
     assert r2.returncode == 0 and "nothing to do" in r2.stdout
     assert tree(at) == after
