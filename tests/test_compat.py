@@ -59,7 +59,7 @@ def test_pack_writes_the_recordio_header_without_tostring():
 def test_mxnet_without_distutils_says_to_install_setuptools():
     code = textwrap.dedent("""
         import sys
-        sys.modules["distutils"] = None  # as on Python 3.12 without setuptools
+        sys.modules["distutils"] = sys.modules["setuptools"] = None  # as on Python 3.12 without setuptools
         from plugins.compat import import_mxnet
         import_mxnet()
         """)
