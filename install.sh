@@ -32,7 +32,7 @@ done
 install_deps() {
   # one resolver run: requirements.txt under constraints/pyX.Y.txt, the full set resolved for that Python
   local ver cons
-  ver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+  ver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
     || die "cannot run '$PYTHON': set PYTHON to a Python 3.10, 3.11 or 3.12 interpreter"
   cons="$REPO/constraints/py$ver.txt"
   [ -f "$cons" ] || die "Python $ver is not supported: there is no constraints/py$ver.txt; use Python 3.10, 3.11 or 3.12 (e.g. PYTHON=python3.12 ./install.sh ...)"
