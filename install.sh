@@ -30,21 +30,14 @@ while [ $# -gt 0 ]; do
 done
 
 install_deps() {
-  "$PYTHON" - <<'EOF' || exit 1
-import sys
-if sys.version_info >= (3, 12):
-    sys.exit("install.sh: Python %d.%d cannot run mxnet 1.9.1: it needs numpy < 1.24, which has no "
-             "release for Python 3.12+. Use Python 3.8-3.11 (e.g. PYTHON=python3.11 ./install.sh ...)." % sys.version_info[:2])
-EOF
-  local faiss
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    faiss="faiss-gpu-cu12==1.8.0.2"
-  else
-    faiss="faiss-cpu==1.8.0.post1"
-  fi
-  echo "install.sh: installing dependencies with $("$PYTHON" --version 2>&1) ($faiss)"
-  # one resolver run under the numpy pin: installed one by one, insightface pulls numpy 2 and breaks mxnet
-  "$PYTHON" -m pip install -r "$REPO/requirements.txt" -c "$REPO/constraints.txt" "$faiss"
+  # one resolver run: requirements.txt under constraints/pyX.Y.txt, the full set resolved for that Python
+  local ver cons
+  ver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+    || die "cannot run '$PYTHON': set PYTHON to a Python 3.10, 3.11 or 3.12 interpreter"
+  cons="$REPO/constraints/py$ver.txt"
+  [ -f "$cons" ] || die "Python $ver is not supported: there is no constraints/py$ver.txt; use Python 3.10, 3.11 or 3.12 (e.g. PYTHON=python3.12 ./install.sh ...)"
+  echo "install.sh: installing dependencies with Python $ver (constraints/py$ver.txt)"
+  "$PYTHON" -m pip install -r "$REPO/requirements.txt" -c "$cons"
 }
 
 [ "$mode" = deps ] && { install_deps; exit 0; }

@@ -42,7 +42,8 @@ def test_features_match_the_host_preprocessing(rec_dir, tmp_path):
     assert meta["count"] == len(index) and meta["dimension"] == 128 and meta["layout"] == "im2rec"
     assert np.allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1, atol=2e-3)
     # one record by hand: mxnet decode, RGB, (x/255-0.5)/0.5, forward, L2 norm
-    import mxnet as mx
+    from plugins.compat import import_mxnet
+    mx = import_mxnet()
     r = mx.recordio.MXIndexedRecordIO(os.path.join(rec_dir, "train.idx"), os.path.join(rec_dir, "train.rec"), "r")
     _, img = mx.recordio.unpack(r.read_idx(int(keys[5])))
     rgb = mx.image.imdecode(img).asnumpy()

@@ -119,7 +119,7 @@ def test_install_is_idempotent_and_uninstall_restores_every_byte(host):
     ours = sorted(os.listdir(os.path.join(ROOT, "configs")))
     assert all(f"configs/{c}" in after for c in ours)
     changed = {p for p in before if after.get(p) != before[p]}
-    assert changed == {"train_v2.py", "dataset.py"}, "only the two patched files change"
+    assert changed == {"train_v2.py", "dataset.py", "lr_scheduler.py"}, "only the patched files change"
     r2 = install("--no-deps", root)
     assert r2.returncode == 0 and "nothing to do" in r2.stdout
     assert tree(at) == after
@@ -170,14 +170,14 @@ def test_recipes_load_with_the_host_config_loader(installed):
         """)
     cfgs = json.loads(out)
     fast = {n: c for n, c in cfgs.items() if "fastface" in n}
-    assert len(fast) == 6
+    assert len(fast) == 8
     for c in fast.values():
         assert c["lr_scheduler"] == "fastface" and c["num_epoch"] == 5
     for n in ("ms1mv3_r100_fastface", "wf4m_r100_fastface", "wf8m_r100_fastface", "wf12m_r100_fastface",
               "wf12m_r50_fastface"):
         assert cfgs[n]["batch_size"] == 128 and cfgs[n]["lr"] == 0.02
     nms = {n: c for n, c in cfgs.items() if "facenms" in n}
-    assert len(nms) == 3 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
+    assert len(nms) == 5 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
 
 
 def test_default_config_builds_the_host_polynomial_scheduler(installed):

@@ -1,13 +1,15 @@
 import os
 
-import mxnet as mx
 import numpy as np
 import pytest
 
+from plugins.compat import import_mxnet
 from plugins.face_nms.demo import synthetic_faces, write_recordio
 from plugins.face_nms.proxy_subset import per_identity_quota
 from plugins.face_nms.recordio_index import (RecordIOError, detect_layout, load_filtered_index, read_idx,
                                              read_index, write_idx)
+
+mx = import_mxnet()
 
 
 @pytest.fixture(scope="module")

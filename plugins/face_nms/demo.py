@@ -49,7 +49,8 @@ def write_recordio(rec_dir, images, labels, layout="insightface", shuffle_seed=N
     optionally shuffled (as im2rec packs WebFace42M). Returns the record key of each image.
     """
     import cv2
-    import mxnet as mx
+    from ..compat import import_mxnet
+    mx = import_mxnet()
     os.makedirs(rec_dir, exist_ok=True)
     rec, idx = os.path.join(rec_dir, "train.rec"), os.path.join(rec_dir, "train.idx")
     writer = mx.recordio.MXIndexedRecordIO(idx, rec, "w")

@@ -1,0 +1,76 @@
+"""mxnet 1.9.1 on the numpy and Python releases that came after it.
+
+mxnet 1.9.1 uses ``numpy.bool`` (removed in numpy 1.24, back in 2.0), names that numpy 2
+removed (``PZERO``, ``NINF``, ``msort``, ...), ``ndarray.tostring`` in ``recordio.pack`` (removed
+in numpy 2.3) and ``distutils`` (removed from Python 3.12, provided by setuptools).
+``import_mxnet()`` supplies the numpy ones and imports mxnet; every
+module that uses mxnet, the host's dataset.py included (through the patch), imports it here.
+"""
+import importlib.util
+import numbers
+import struct
+
+import numpy as np
+
+
+# names mxnet 1.9.1 reads from numpy at import time, removed in numpy 1.24 (bool) and 2.x (the rest)
+_REMOVED = {
+    "bool": bool,
+    "PZERO": 0.0, "NZERO": -0.0, "PINF": np.inf, "NINF": -np.inf, "NAN": np.nan, "NaN": np.nan, "Inf": np.inf,
+    "alltrue": np.all, "sometrue": np.any, "product": np.prod, "round_": np.round,
+    "msort": lambda a: np.sort(a, axis=0),
+    "in1d": lambda a, b, **kw: np.isin(a, b, **kw).ravel(),
+    "trapz": getattr(np, "trapezoid", None),
+}
+# removed in numpy 1.20 (NEP 32), where numpy 1.x still answered with a function that raises
+_FINANCIAL = ("fv", "ipmt", "irr", "mirr", "nper", "npv", "pmt", "ppmt", "pv", "rate")
+
+
+def _expired(name):
+    def call(*args, **kwargs):
+        raise RuntimeError(f"numpy.{name} was removed in numpy 1.20 (NEP 32): use the numpy_financial package")
+    return call
+
+
+def numpy_aliases():
+    """The numpy names mxnet 1.9.1 reads at import time, where this numpy no longer has them."""
+    for name, value in _REMOVED.items():
+        if name not in vars(np) and value is not None:
+            setattr(np, name, value)
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        for name in _FINANCIAL:
+            if name not in vars(np):
+                setattr(np, name, _expired(name))
+
+
+def _pack_with_tobytes(recordio):
+    """``recordio.pack`` for numpy without ``ndarray.tostring``: a list label is written as float32 bytes."""
+    def pack(header, s):
+        header = recordio.IRHeader(*header)
+        if isinstance(header.label, numbers.Number):
+            return struct.pack(recordio._IR_FORMAT, 0, header.label, header.id, header.id2) + s
+        label = np.asarray(header.label, dtype=np.float32)
+        # flag = number of float32 labels stored in front of the payload
+        return struct.pack(recordio._IR_FORMAT, label.size, 0, header.id, header.id2) + label.tobytes() + s
+    return pack
+
+
+def import_mxnet():
+    """The ``mxnet`` module, imported after the aliases it needs."""
+    numpy_aliases()
+    if importlib.util.find_spec("distutils") is None:
+        try:
+            import setuptools  # noqa: F401  (makes its copy of distutils importable)
+        except ImportError:
+            pass
+    try:
+        import mxnet
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "distutils":
+            raise
+        raise ImportError("mxnet 1.9.1 imports distutils, which Python 3.12 no longer ships: "
+                          "install setuptools in this environment (pip install setuptools)") from None
+    if not hasattr(np.ndarray, "tostring") and not getattr(mxnet.recordio.pack, "_tobytes", False):
+        mxnet.recordio.pack = _pack_with_tobytes(mxnet.recordio)
+        mxnet.recordio.pack._tobytes = True
+    return mxnet
