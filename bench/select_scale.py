@@ -45,25 +45,32 @@ def make_features(path, n, d=512, seed=0, mean_size=17.0, chunk=1 << 16):
 
     Identity centers are sums of three rows of small random tables picked by the label, so no
     num_classes x d array is held; a third of the faces form a near-duplicate session around an
-    identity-specific offset of the center.
+    identity-specific offset of the center. Chunks are generated in parallel threads, each from
+    its own seeded generator, so the file does not depend on the number of threads.
     """
+    from concurrent.futures import ThreadPoolExecutor
     rng = np.random.default_rng(seed)
     sizes = identity_sizes(n, mean_size, rng)
     labels = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(n)]  # im2rec-style shuffle
     tables = rng.standard_normal((3, 4099, d)).astype(np.float32) / np.sqrt(3)
     phase = np.arange(d, dtype=np.float32)[None, :]
     feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    for s in range(0, n, chunk):
+
+    def fill(s):
+        r = np.random.default_rng([seed, s // chunk])
         lab = labels[s:s + chunk]
         x = tables[0][lab % 4099] + tables[1][(lab // 4099) % 4099] + tables[2][(lab * 7 + 3) % 4099]
-        burst = rng.random(len(lab)) < 0.33
-        noise = rng.standard_normal((len(lab), d), dtype=np.float32)
+        burst = r.random(len(lab)) < 0.33
+        noise = r.standard_normal((len(lab), d), dtype=np.float32)
         noise[~burst] *= 1.1
         noise[burst] *= 0.55
         x += noise
         x[burst] += 0.9 * np.sin(lab[burst, None].astype(np.float32) * 7.1 + phase)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         feats[s:s + chunk] = x
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(fill, range(0, n, chunk)))
     feats.flush()
     del feats
     return labels
@@ -170,7 +177,7 @@ def measure(args):
         wall = time.perf_counter() - t0
     read_bytes = disk_read_bytes() - io0
     if args.save_keep:
-        np.save(args.save_keep, sel.keep)
+        np.save(os.path.join(args.save_keep, f"keep_{n}_{args.mode}.npy"), sel.keep)
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
     print(json.dumps({"n": int(n), "file_gb": feats.nbytes / 1e9, "in_memory": bool(in_memory),
@@ -180,7 +187,7 @@ def measure(args):
                       "read_s": read, "matmul_s": matmul, "lower_bound_s": read + matmul,
                       "ratio_to_bound": wall / (read + matmul), "pair_madds": work_flops,
                       "kept_fraction": sel.fraction, "threshold": sel.threshold, "passes": sel.passes,
-                      "source": sel.source, "notes": notes}))
+                      "file_reads": sel.file_reads, "source": sel.source, "notes": notes}))
 
 
 def main():
@@ -198,7 +205,8 @@ def main():
     p.add_argument("--name", default=None, help="result name (default select_scale_<mode>[_big][_gpu])")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     p.add_argument("--generate", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--save-keep", help=argparse.SUPPRESS)
+    p.add_argument("--save-keep", help="folder receiving the kept rows of each point (keep_<n>_<mode>.npy), to "
+                                       "compare selections across code versions")
     args = p.parse_args()
     if args.generate:
         return generate(args)
@@ -209,6 +217,8 @@ def main():
     common = ["--work-dir", work, "--device", args.device, "--mode", args.mode, "--threshold", str(args.threshold)]
     if args.spill_dir:
         common += ["--spill-dir", args.spill_dir]
+    if args.save_keep:
+        common += ["--save-keep", args.save_keep]
     sizes = [int(s) for s in args.sizes.split(",")]
     rows, results = [], []
     for src in ([args.big] if args.big else sizes):
@@ -227,13 +237,13 @@ def main():
             results.append(r)
             rows.append([n, r["identities"], "memory" if r["in_memory"] else "out of core", r["source"], r["wall_s"],
                          r["peak_anon_mb"], r["disk_read_gb"], r["read_s"], r["matmul_s"], r["ratio_to_bound"],
-                         r["passes"], r["kept_fraction"]])
+                         r["passes"], r["file_reads"], r["kept_fraction"]])
             print(json.dumps(r), flush=True)
         if not args.keep_files:
             for name in (f"features_{src}.npy", f"labels_{src}.npy"):
                 os.remove(os.path.join(work, name))
     text = table(["faces", "identities", "file", "read as", "wall s", "peak anon MB", "disk read GB", "read s",
-                  "matmul s", "wall/bound", "passes", "kept"], rows)
+                  "matmul s", "wall/bound", "passes", "file reads", "kept"], rows)
     suffix = ("_big" if args.big else "") + ("_gpu" if args.device.startswith("cuda") else "")
     save(args.name or f"select_scale_{args.mode}{suffix}", {"mode": args.mode, "device": args.device,
                                                              "results": results, "table": text})

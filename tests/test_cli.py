@@ -456,8 +456,9 @@ def test_process_interrupted_by_sigint(tmp_path):
     assert first.startswith("wrote"), first
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    if p.returncode == 0:
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0 or "filtered index:" in out:
+        # finished, or interrupted while the interpreter was shutting down (default handlers again)
         pytest.skip("the demo finished before the signal arrived")
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err

@@ -5,13 +5,16 @@ import subprocess
 import sys
 import textwrap
 
-import mxnet as mx
 import numpy as np
 import pytest
 
+from plugins.compat import import_mxnet
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import synthetic_faces
 from plugins.face_nms.recordio_index import RecordIOError, image_records, read_idx, read_index
+
+mx = import_mxnet()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INSIGHTFACE_DIR = os.environ.get("INSIGHTFACE_DIR")
 
@@ -146,7 +149,11 @@ def test_recbuilder_dataset_matches_the_host_dataset(faces, tmp_path):
     d = str(tmp_path / "ds")
     code = textwrap.dedent(f"""
         import json
+        import sys
         import numpy as np
+        sys.path.insert(0, {ROOT!r})
+        from plugins.compat import import_mxnet
+        import_mxnet()  # mxnet 1.9.1 on numpy >= 1.24 and Python 3.12, as the patched host does
         from rec_builder import RecBuilder
         from dataset import MXFaceDataset
         images, labels = np.load({str(tmp_path / "images.npy")!r}), np.load({str(tmp_path / "labels.npy")!r})

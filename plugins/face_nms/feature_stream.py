@@ -103,12 +103,13 @@ class FeatureReader:
         source: one of SOURCES, or None to choose: ``memory`` for an array, ``passes`` for a
             memory-mapped file up to 3/4 of the available memory; for a larger one ``spill`` when
             ``spill_dir`` is given and has room, else ``passes``.
-        memory_budget: bytes of rows held at once by the ``spill`` and ``passes`` sources.
+        memory_budget: bytes of rows held at once by the ``spill`` and ``passes`` sources
+            (default: 1/16 of the available memory, at least 2 GB and at most 8 GB).
         log: callable receiving one line about the choice made.
     """
 
     def __init__(self, features, plan, *, block_rows=1 << 16, source=None, spill_dir=None,
-                 memory_budget=1 << 31, log=None):
+                 memory_budget=None, log=None):
         if source is not None and source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         self.features, self.plan, self.block_rows = features, plan, block_rows
@@ -134,6 +135,8 @@ class FeatureReader:
                     log(f"features larger than memory: regrouping {need / 2**30:.1f} GiB through unlinked temporary "
                         f"files in {spill_dir} ({free / 2**30:.1f} GiB free)")
         self.source, self.spill_dir = source, spill_dir
+        if memory_budget is None:
+            memory_budget = min(max(1 << 31, available_memory() // 16), 1 << 33)
         self.bucket_rows = max(block_rows, memory_budget // max(self.row_bytes, 1))
         self.passes_over_file = 0
 

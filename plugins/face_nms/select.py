@@ -199,7 +199,7 @@ def _bar_factory(progress):
 @_exact_matmul()
 def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
                     device=None, chunk_rows=1 << 16, search_sample=20000, source=None, spill_dir=None,
-                    memory_budget=1 << 31, progress=False, log=None):
+                    memory_budget=None, progress=False, log=None):
     """Face-NMS selection.
 
     Args:
@@ -252,8 +252,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
             if grid is None:
                 sampled = {}
                 refine(run.sample_fraction, ratio, -1.0, 1.0, sampled, tol=RATIO_TOLERANCE / 5)
-                exact = not rest
-                grid = _grid(*((-1.0, 1.0) if exact else bracket(sampled, ratio, SAMPLE_MARGIN)))
+                grid = _grid(*bracket(sampled, ratio, SAMPLE_MARGIN))
             run.process(stream, grid, bar=bar)
         if ratio is not None:
             run.decide_cached(grid)
@@ -295,7 +294,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
 
 @_exact_matmul()
 def global_only(features, labels, *, ratio, order="hard-first", centers=None, seed=0, device=None,
-                chunk_rows=1 << 16, source=None, spill_dir=None, memory_budget=1 << 31, log=None):
+                chunk_rows=1 << 16, source=None, spill_dir=None, memory_budget=None, log=None):
     """Ablation: rank each identity (global sparsity), keep its top share, no NMS."""
     check_ratio(ratio)
     labels, centers = _check_inputs(features, labels, centers)
