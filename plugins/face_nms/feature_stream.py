@@ -47,7 +47,8 @@ class IdentityPlan:
         counts = np.bincount(labels)
         multi = np.flatnonzero(counts > 1)
         self.singles = np.flatnonzero(counts[labels] == 1)
-        n_sample = min(int(sample_ids), len(multi))
+        # a tenth of the identities at most (at least 2,000): beyond that the sample costs more than it tells
+        n_sample = min(int(sample_ids), max(2000, len(multi) // 10), len(multi))
         in_sample = np.zeros(len(multi), bool)
         if n_sample:
             in_sample[np.random.default_rng(seed).choice(len(multi), n_sample, replace=False)] = True

@@ -216,7 +216,8 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         seed: seed of the "random" order and of the identity sample.
         device: torch device of the matrix products (default: cuda when available).
         chunk_rows: rows read per block.
-        search_sample: identities read first; with ``ratio`` the threshold is located on their
+        search_sample: identities read first (at most a tenth of the multi-face identities, at least
+            2,000); with ``ratio`` the threshold is located on their
             cosines, and the report's nearest-neighbour cosines come from them.
         source, spill_dir, memory_budget: how rows are read (see :class:`.feature_stream.FeatureReader`):
             a file larger than memory is regrouped through unlinked temporary files in
