@@ -18,6 +18,8 @@ from plugins.registry import build_lr_scheduler, step_lr_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSIGHTFACE_DIR = os.environ.get("INSIGHTFACE_DIR")
+if INSIGHTFACE_DIR:
+    from test_host import pristine  # noqa: E402,F401  (fixture: a pristine copy of the host's arcface_torch)
 needs_host = pytest.mark.skipif(not INSIGHTFACE_DIR, reason="INSIGHTFACE_DIR is not set: the scheduler tests need "
                                 "an insightface checkout (INSIGHTFACE_DIR=/path/to/insightface python -m pytest tests)")
 
@@ -70,9 +72,10 @@ def test_mxnet_without_distutils_says_to_install_setuptools():
         "environment (pip install setuptools)")
 
 
-def host_lr_scheduler(tmp_path, patched):
-    """A copy of the host's lr_scheduler.py, with patches/lr_scheduler.py.patch applied when ``patched``."""
-    shutil.copy(os.path.join(INSIGHTFACE_DIR, "recognition", "arcface_torch", "lr_scheduler.py"), tmp_path)
+def host_lr_scheduler(tmp_path, patched, pristine):
+    """A copy of the host's lr_scheduler.py (from the pristine copy of INSIGHTFACE_DIR's arcface_torch,
+    so an installed checkout works too), with patches/lr_scheduler.py.patch applied when ``patched``."""
+    shutil.copy(os.path.join(pristine, "lr_scheduler.py"), tmp_path)
     if patched:
         with open(os.path.join(ROOT, "patches", "lr_scheduler.py.patch")) as p:
             subprocess.run(["patch", "-s", "-p1", "-d", str(tmp_path)], stdin=p, check=True)
@@ -112,8 +115,8 @@ def upstream_formula(base, warmup, total, steps, power=1.0):
 
 @needs_host
 @pytest.mark.parametrize("warmup,total", [(10, 100), (0, 50)])
-def test_default_scheduler_follows_the_upstream_formula_on_this_torch(tmp_path, warmup, total):
-    name, lrs = polynomial_trajectory(host_lr_scheduler(tmp_path, patched=True), warmup, total, total + 20)
+def test_default_scheduler_follows_the_upstream_formula_on_this_torch(tmp_path, warmup, total, pristine):
+    name, lrs = polynomial_trajectory(host_lr_scheduler(tmp_path, True, pristine), warmup, total, total + 20)
     assert name == "PolynomialLRWarmup"
     for group, base in enumerate((0.1, 0.1 / 3)):
         got = [lr[group] for lr in lrs]
@@ -122,8 +125,8 @@ def test_default_scheduler_follows_the_upstream_formula_on_this_torch(tmp_path, 
 
 
 @needs_host
-def test_unpatched_host_scheduler_on_a_torch_without_verbose(tmp_path):
-    folder = host_lr_scheduler(tmp_path, patched=False)
+def test_unpatched_host_scheduler_on_a_torch_without_verbose(tmp_path, pristine):
+    folder = host_lr_scheduler(tmp_path, False, pristine)
     if "verbose" in inspect.signature(torch.optim.lr_scheduler.LRScheduler.__init__).parameters:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch 2.2-2.6: verbose is deprecated
