@@ -1,8 +1,8 @@
 """mxnet 1.9.1 on the numpy and Python releases that came after it.
 
 mxnet 1.9.1 uses ``numpy.bool`` (removed in numpy 1.24, back in 2.0), names that numpy 2
-removed (``PZERO``, ``NINF``, ``msort``, ...), ``ndarray.tostring`` in ``recordio.pack`` (removed
-in numpy 2.3) and ``distutils`` (removed from Python 3.12, provided by setuptools).
+removed (``PZERO``, ``NINF``, ``msort``, ...), ``ndarray.tostring`` in ``recordio.pack`` and
+``recordio.pack_img`` (removed in numpy 2.3) and ``distutils`` (removed from Python 3.12, provided by setuptools).
 ``import_mxnet()`` supplies the numpy ones and imports mxnet; every
 module that uses mxnet, the host's dataset.py included (through the patch), imports it here.
 """
@@ -55,6 +55,21 @@ def _pack_with_tobytes(recordio):
     return pack
 
 
+def _pack_img_with_tobytes(recordio):
+    """``recordio.pack_img`` (used by insightface's RecBuilder) for numpy without ``ndarray.tostring``:
+    the image encoded by OpenCV, then packed by the ``pack`` above."""
+    def pack_img(header, img, quality=95, img_fmt=".jpg"):
+        import cv2
+        fmt = img_fmt.upper()
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt in (".JPG", ".JPEG") else \
+            [cv2.IMWRITE_PNG_COMPRESSION, quality] if fmt == ".PNG" else None
+        ok, buf = cv2.imencode(img_fmt, img, params)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode the image as {img_fmt}")
+        return recordio.pack(header, buf.tobytes())
+    return pack_img
+
+
 def import_mxnet():
     """The ``mxnet`` module, imported after the aliases it needs."""
     numpy_aliases()
@@ -73,4 +88,5 @@ def import_mxnet():
     if not hasattr(np.ndarray, "tostring") and not getattr(mxnet.recordio.pack, "_tobytes", False):
         mxnet.recordio.pack = _pack_with_tobytes(mxnet.recordio)
         mxnet.recordio.pack._tobytes = True
+        mxnet.recordio.pack_img = _pack_img_with_tobytes(mxnet.recordio)
     return mxnet

@@ -137,3 +137,23 @@ def test_unpatched_host_scheduler_on_a_torch_without_verbose(tmp_path, pristine)
     assert str(err.value) == (
         f"{os.path.join(folder, 'lr_scheduler.py')} passes `verbose`, which torch {torch.__version__} no longer "
         f"accepts: install the plugins with ./install.sh INSIGHTFACE_DIR, which patches it")
+
+
+def test_pack_img_without_tostring_writes_what_mxnet_writes():
+    import cv2
+    from plugins.compat import _pack_img_with_tobytes
+    mx = import_mxnet()
+    ours = _pack_img_with_tobytes(mx.recordio)
+    img = np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    header = mx.recordio.IRHeader(0, 7.0, 3, 0)
+    for fmt, quality in ((".jpg", 95), (".png", 3)):
+        got = ours(header, img, quality=quality, img_fmt=fmt)
+        h, payload = mx.recordio.unpack(got)
+        assert (h.label, h.id) == (7.0, 3)
+        decoded = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape == img.shape and (fmt != ".png" or np.array_equal(decoded, img))
+        if hasattr(np.ndarray, "tostring"):  # mxnet's own pack_img still runs here: the same bytes
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                assert got == mx.recordio.pack_img(header, img, quality=quality, img_fmt=fmt)
+    assert (mx.recordio.pack_img.__module__ == "plugins.compat") == (not hasattr(np.ndarray, "tostring"))
