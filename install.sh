@@ -15,7 +15,7 @@ MANIFEST_NAME=".arcface-plugins-manifest"
 deps=1; mode=install; host=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

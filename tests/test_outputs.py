@@ -89,3 +89,38 @@ def test_output_set_failure_keeps_the_old_set(tmp_path):
         pass
     assert [open(p).read() for p in paths] == ["old", "old"]
     assert sorted(os.listdir(tmp_path)) == ["a.idx", "a.json"]
+
+
+def test_sigint_during_the_renames_waits_even_with_other_threads(tmp_path):
+    """A signal reaches any thread of the process; the renames must still finish as one step."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, {ROOT!r})
+        import numpy as np
+        from plugins.face_nms.report import write_selection
+        from plugins.face_nms.select import Selection
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # as torch's and tqdm's threads
+        calls = [0]
+        real = os.replace
+        def replace(a, b):
+            calls[0] += 1
+            if calls[0] == 4:  # .idx renamed, .json not yet
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            return real(a, b)
+        os.replace = replace
+        sel = Selection(keep=np.arange(20), threshold=0.25, total=50, nn_cos=np.full(20, 0.3, np.float32))
+        try:
+            write_selection({str(tmp_path / "sel.idx")!r}, np.arange(20), np.arange(20) * 100, sel,
+                            np.repeat(np.arange(10), 5))
+        except KeyboardInterrupt:
+            print("interrupted after", calls[0])
+    """)
+    from plugins.face_nms.report import write_selection
+    sel, labels = _selection()
+    write_selection(str(tmp_path / "sel.idx"), np.arange(30), np.arange(30) * 100, sel, labels)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.startswith("interrupted after 6"), out  # all four renames done before the signal acted
+    assert len(open(tmp_path / "sel.idx").read().splitlines()) == 20
+    assert json.load(open(tmp_path / "sel.json"))["threshold"] == 0.25
+    assert sorted(os.listdir(tmp_path)) == sorted(["sel.idx", "sel.json", "sel_retention.png", "sel_nn_cosine.png"])

@@ -299,3 +299,27 @@ def test_killed_out_of_core_selection_leaves_no_temporary_file(tmp_path):
     rc = subprocess.run([sys.executable, "-c", code]).returncode
     assert rc == -9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]
+
+
+def test_zero_rows_and_bad_arguments_are_refused():
+    feats, labels = clustered_features(n_ids=20, seed=15)
+    zero = feats.copy()
+    zero[np.flatnonzero(labels == labels[-1])[0]] = 0
+    with pytest.raises(ValueError, match="all-zero row"):
+        select_core_set(zero, labels, threshold=0.5)
+    with pytest.raises(ValueError, match="d >= 1"):
+        select_core_set(feats[:, :0], labels, threshold=0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        select_core_set(feats, labels, threshold=True)
+    with pytest.raises(ValueError, match="search_sample"):
+        select_core_set(feats, labels, ratio=0.5, search_sample=-1)
+
+
+def test_unwritable_spill_folder_falls_back_to_passes(tmp_path):
+    feats, labels = clustered_features(n_ids=60, seed=16)
+    sf, sl, _ = shuffle(feats, labels)
+    mm = _memmap(tmp_path, sf)
+    notes = []
+    sel = select_core_set(mm, sl, threshold=0.6, source="spill", spill_dir=str(tmp_path / "missing"), log=notes.append)
+    assert sel.source == "passes" and "not a writable folder" in notes[0]
+    assert np.array_equal(sel.keep, select_core_set(sf, sl, threshold=0.6).keep)

@@ -249,8 +249,8 @@ def load_checkpoint_model(network, checkpoint, device, embedding_size=512, fp16=
     try:
         from backbones import get_model
     except ImportError as exc:
-        raise ImportError("loading an arcface_torch checkpoint needs the host's backbones package: run from "
-                          "recognition/arcface_torch or set INSIGHTFACE_DIR") from exc
+        raise ValueError("loading an arcface_torch checkpoint needs the host's backbones package: run from "
+                         "recognition/arcface_torch or set INSIGHTFACE_DIR") from None
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     if not isinstance(embedding_size, int) or embedding_size < 1:

@@ -125,6 +125,11 @@ class FeatureReader:
         if source == "spill":
             if spill_dir is None:
                 source = "passes"
+            elif not _writable(spill_dir):
+                if log:
+                    log(f"{spill_dir} is not a writable folder: reading the features in several sequential passes "
+                        f"instead of regrouping them there")
+                source = "passes"
             else:
                 free = shutil.disk_usage(spill_dir).free
                 if free < need * 1.05 + (1 << 30):
@@ -250,6 +255,14 @@ class FeatureReader:
                 f.close()
             raise
         return files
+
+
+def _writable(folder):
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
 
 
 def _release(array):

@@ -41,17 +41,24 @@ def atomic_output(path, suffix=""):
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait until the block is done (a few renames)."""
-    held = (signal.SIGINT, signal.SIGTERM)
+    """SIGINT and SIGTERM wait until the block is done (a few renames). Python runs signal handlers
+    in the main thread whichever thread the signal reaches, so a handler that only records the
+    signal holds it for the whole process (blocking it in one thread's mask would not: torch's
+    and tqdm's threads would take it)."""
+    pending = []
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError):
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers to install
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)  # now, to the handler the caller had
 
 
 def finish_interrupted_set(first):
@@ -79,16 +86,21 @@ def output_set(paths, suffixes=None):
     for p in paths:
         remove_stale_temporaries(p)
     tmps = [_tmp_name(p, s) for p, s in zip(paths, suffixes)]
+    committed = False
     try:
         yield tmps
         journal = paths[0] + ".commit"
-        with atomic_output(journal) as j, open(j, "w") as f:
-            f.writelines(f"{t}\t{p}\n" for t, p in zip(tmps, paths))
-            f.flush()
-            os.fsync(f.fileno())
         with _signals_held():
+            with atomic_output(journal) as j, open(j, "w") as f:
+                f.writelines(f"{t}\t{p}\n" for t, p in zip(tmps, paths))
+                f.flush()
+                os.fsync(f.fileno())
+            committed = True
             finish_interrupted_set(paths[0])
     finally:
-        for t in tmps:
-            if os.path.exists(t):
-                os.remove(t)
+        if not committed:
+            for t in tmps:
+                if os.path.exists(t):
+                    os.remove(t)
+        # once the journal exists its temporaries are the new set: a failed rename leaves them for
+        # the next run to finish

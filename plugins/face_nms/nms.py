@@ -60,10 +60,10 @@ class Ranker:
         # makes exactly equal, so they rank by row index on every device and library
         X64 = torch.from_numpy(np.ascontiguousarray(X)).to(self.device).to(torch.float64)
         norm = torch.linalg.vector_norm(X64, dim=2, keepdim=True)
-        finite = torch.isfinite(norm[..., 0])  # a norm is finite iff every value of its row is
-        if not bool(finite.all()):
-            row = int(np.asarray(rows)[(~finite).cpu().numpy()][0])
-            raise ValueError(f"features contain non-finite values (row {row}); extract them again")
+        good = torch.isfinite(norm[..., 0]) & (norm[..., 0] > 0)  # finite iff every value of the row is
+        if not bool(good.all()):
+            row = int(np.asarray(rows)[(~good).cpu().numpy()][0])
+            raise ValueError(f"features contain a non-finite or all-zero row (row {row}); extract them again")
         X64.div_(norm.clamp_min_(1e-12))
         if self.centers is None:
             c = X64.sum(dim=1)

@@ -52,8 +52,8 @@ class Selection:
 
 
 def _check_inputs(features, labels, centers):
-    if features.ndim != 2:
-        raise ValueError(f"features must be an N x d array, got shape {features.shape}")
+    if features.ndim != 2 or features.shape[1] == 0:
+        raise ValueError(f"features must be an N x d array with d >= 1, got shape {features.shape}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(features):
         raise ValueError(f"labels must have one entry per feature row: {labels.shape} labels for "
@@ -81,7 +81,8 @@ def _check_inputs(features, labels, centers):
 
 
 def _check_threshold(threshold):
-    if not isinstance(threshold, (int, float, np.floating, np.integer)) or not np.isfinite(threshold) \
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(threshold) \
             or not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a finite cosine in [-1, 1], got {threshold!r}")
     return float(threshold)
@@ -233,6 +234,8 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         check_ratio(ratio)
     else:
         threshold = _check_threshold(threshold)
+    if not isinstance(search_sample, (int, np.integer)) or search_sample < 0:
+        raise ValueError(f"search_sample must be a number of identities >= 0, got {search_sample!r}")
     labels, centers = _check_inputs(features, labels, centers)
     ranker = Ranker(order, centers, seed, device)
     plan = IdentityPlan(labels, search_sample, seed)
