@@ -95,7 +95,7 @@ def test_killed_process_resumes(rec_dir, tmp_path):
               "torch.set_num_threads(1)\n"
               "class Slow(TorchModel):\n"
               "    def __call__(self, images, flip):\n"
-              "        time.sleep(0.05); return super().__call__(images, flip)\n"
+              "        time.sleep(0.3); return super().__call__(images, flip)\n"
               f"extract_features({rec_dir!r}, {out!r}, Slow(TinyNet(seed=0), 'cpu'), batch_size=8, workers=0,"
               " chunk_rows=16, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", script])
