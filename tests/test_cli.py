@@ -1,5 +1,4 @@
 """The command line: outputs never replace inputs, and every mistake gets one line and an exit status."""
-import json
 import os
 import signal
 import subprocess

@@ -1,5 +1,4 @@
 """An extraction folder records what it was made from; nothing of another dataset, model or run is mixed in."""
-import fcntl
 import json
 import os
 import signal

@@ -248,7 +248,7 @@ def load_checkpoint_model(network, checkpoint, device, embedding_size=512, fp16=
     """The host's ``backbones.get_model(network)`` with the weights of an arcface_torch ``model.pt``."""
     try:
         from backbones import get_model
-    except ImportError as exc:
+    except ImportError:
         raise ValueError("loading an arcface_torch checkpoint needs the host's backbones package: run from "
                          "recognition/arcface_torch or set INSIGHTFACE_DIR") from None
     if not os.path.isfile(checkpoint):
@@ -497,7 +497,6 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
     if batch_size < 1 or chunk_rows < batch_size:
         raise ValueError(f"need 1 <= batch_size <= chunk_rows, got batch_size={batch_size}, chunk_rows={chunk_rows}")
     out_dir = str(out_dir)
-    final = os.path.join(out_dir, "features.npy")
     lock = index = run = None
     if rank == 0:
         try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .feature_stream import FeatureReader, IdentityPlan
-from .nms import MAX_THRESHOLDS, ORDERS, Ranker, count_bits, greedy_nms, nearest_kept, over_masks
+from .nms import MAX_THRESHOLDS, Ranker, count_bits, greedy_nms, nearest_kept, over_masks
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .threshold_search import RATIO_TOLERANCE, bracket, closest, crossing, refine
 
