@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gloo_group
+import stalled_extract
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.extract import RecordImages, TorchModel, extract_features, load_features
@@ -90,15 +91,7 @@ def test_resume_after_stop_equals_uninterrupted(rec_dir, tmp_path):
 
 def test_killed_process_resumes(rec_dir, tmp_path):
     out = str(tmp_path / "killed")
-    script = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r});"
-              "from plugins.face_nms.demo import TinyNet; from plugins.face_nms.extract import *;"
-              "torch.set_num_threads(1)\n"
-              "class Slow(TorchModel):\n"
-              "    def __call__(self, images, flip):\n"
-              "        time.sleep(0.3); return super().__call__(images, flip)\n"
-              f"extract_features({rec_dir!r}, {out!r}, Slow(TinyNet(seed=0), 'cpu'), batch_size=8, workers=0,"
-              " chunk_rows=16, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = stalled_extract.start(rec_dir, out, chunks=2)
     progress = os.path.join(out, "progress")
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -109,7 +102,7 @@ def test_killed_process_resumes(rec_dir, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(os.path.join(out, "features.npy")), "killed before the end"
+    assert done == 2 and not os.path.exists(os.path.join(out, "features.npy"))
     assert extract_features(rec_dir, out, model(), batch_size=8, workers=0, chunk_rows=16, progress=False) == out
     ref = extract_features(rec_dir, str(tmp_path / "ref"), model(), batch_size=8, workers=0, chunk_rows=16,
                            progress=False)

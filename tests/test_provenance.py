@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import stalled_extract
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.extract import TorchModel, extract_features, load_features
@@ -149,15 +150,7 @@ def test_folder_with_files_that_are_not_ours_is_refused(rec_dir, tmp_path):
 
 def test_second_concurrent_extract_is_refused_and_a_killed_lock_is_not_stale(rec_dir, tmp_path):
     out = tmp_path / "busy"
-    script = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r});"
-              "from plugins.face_nms.demo import TinyNet; from plugins.face_nms.extract import *;"
-              "torch.set_num_threads(1)\n"
-              "class Slow(TorchModel):\n"
-              "    def __call__(self, images, flip):\n"
-              "        time.sleep(0.2); return super().__call__(images, flip)\n"
-              f"extract_features({rec_dir!r}, {str(out)!r}, Slow(TinyNet(seed=0), 'cpu'), batch_size=8, workers=0,"
-              " chunk_rows=16, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = stalled_extract.start(rec_dir, out, chunks=0)
     try:
         deadline = time.time() + 60
         while not (out / "run.json").exists() and time.time() < deadline:
@@ -193,15 +186,7 @@ def test_lock_held_by_another_process(rec_dir, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_leaves_only_resumable_state(rec_dir, tmp_path, sig):
     out = tmp_path / "stop"
-    script = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r});"
-              "from plugins.face_nms.demo import TinyNet; from plugins.face_nms.extract import *;"
-              "torch.set_num_threads(1)\n"
-              "class Slow(TorchModel):\n"
-              "    def __call__(self, images, flip):\n"
-              "        time.sleep(0.05); return super().__call__(images, flip)\n"
-              f"extract_features({rec_dir!r}, {str(out)!r}, Slow(TinyNet(seed=0), 'cpu'), batch_size=8, workers=0,"
-              " chunk_rows=16, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    proc = stalled_extract.start(rec_dir, out, chunks=0, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (out / "progress").is_dir() and time.time() < deadline:
         time.sleep(0.01)
