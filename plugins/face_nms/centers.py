@@ -1,0 +1,50 @@
+"""Identity centers: the normalised mean feature of each identity, in one sequential pass.
+
+The rows of an im2rec-packed dataset are shuffled, so the sums are accumulated block by block
+(``torch.index_add_``) while the feature file is read once from start to end.
+"""
+import numpy as np
+import torch
+
+
+def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, progress=False):
+    """Returns ``(ids, C, counts)``: the labels present (sorted), their unit-norm centers C
+    (float32, len(ids) x d) and their face counts.
+
+    Args:
+        features: N x d rows (a memory-mapped float16 ``features.npy`` is read sequentially once).
+        labels: N identity labels y_i.
+        centers: optional num_classes x d centers (e.g. the proxy model's PartialFC weights)
+            used instead of the mean features; only their rows of present labels are taken.
+    """
+    labels = np.asarray(labels, np.int64)
+    if len(labels) != len(features):
+        raise ValueError(f"{len(labels)} labels for {len(features)} feature rows")
+    ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if centers is not None:
+        c = np.asarray(centers, np.float32)
+        if c.ndim != 2 or c.shape[1] != features.shape[1] or (len(ids) and ids[-1] >= len(c)):
+            raise ValueError(f"centers must be a (num_classes x {features.shape[1]}) array covering label "
+                             f"{int(ids[-1]) if len(ids) else 0}, got shape {c.shape}")
+        return ids, _unit(np.ascontiguousarray(c[ids])), counts
+    sums = torch.zeros((len(ids), features.shape[1]), dtype=torch.float32)
+    inv = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+    steps = range(0, len(labels), chunk_rows)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="centers", unit="block", leave=False)
+    for s in steps:
+        block = torch.from_numpy(np.asarray(features[s:s + chunk_rows], np.float32))
+        block = torch.nn.functional.normalize(block, dim=1)
+        sums.index_add_(0, inv[s:s + len(block)], block)
+    return ids, _unit(sums.numpy()), counts
+
+
+def _unit(c):
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} identity center(s), the first at position {int(np.flatnonzero(bad)[0])}, "
+                         f"are not finite or zero: the features of that identity cancel out or are broken")
+    c /= norms
+    return c
