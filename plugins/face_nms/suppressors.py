@@ -21,7 +21,8 @@ _BLOCK = 1024  # dropped faces compared at once, to bound the dropped x kept pro
 
 @dataclass
 class Suppressors:
-    """Per dropped face (``rows``, ascending): the suppressor's row (-1: its identity kept no face) and the cosine (nan then)."""
+    """Per dropped face (``rows``, ascending): its suppressor's row and their float32 cosine (-1 and nan
+    where its identity kept no face)."""
     rows: np.ndarray
     suppressor: np.ndarray
     cosine: np.ndarray
