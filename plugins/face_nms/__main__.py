@@ -139,7 +139,8 @@ def cmd_select(args):
                                dataset=meta.get("provenance", {}).get("dataset"), page=page)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
-          f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json, page .html")
+          f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json, page "
+          f"{os.path.splitext(args.out)[0]}.html")
     return info
 
 
