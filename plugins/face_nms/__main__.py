@@ -1,4 +1,4 @@
-"""python -m plugins.face_nms {stats,proxy-subset,extract,select,demo}"""
+"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,demo}"""
 import argparse
 import copy
 import os
@@ -113,6 +113,7 @@ def default_workers(cap=16):
 
 def cmd_select(args):
     from .extract import load_features
+    from .gallery import selection_writer
     from .recordio_index import image_records
     from .report import write_selection
     from .select import run_method
@@ -131,13 +132,23 @@ def cmd_select(args):
         raise ValueError(f"{args.features}: {exc}") from None
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
-    with guards.writing(f"{args.out} or the summary and plots beside it"):
+    page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
+                            seed=args.seed)
+    with guards.writing(f"{args.out} or the summary, plots and page beside it"):
         info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
-                               dataset=meta.get("provenance", {}).get("dataset"))
+                               dataset=meta.get("provenance", {}).get("dataset"), page=page)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
-          f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json")
+          f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json, page "
+          f"{os.path.splitext(args.out)[0]}.html")
     return info
+
+
+def cmd_gallery(args):
+    from .gallery import write_index_page
+    guards.check_gallery(args)
+    with guards.writing(args.out):
+        print(write_index_page(args.rec, args.features, args.index, args.out, ids=args.gallery_ids, seed=args.seed))
 
 
 def cmd_demo(args):
@@ -202,7 +213,18 @@ def main(argv=None):
                                      "deleted as they are made (default: the folder of --out; the free space is "
                                      "checked first, else the features are read in several passes)")
     s.add_argument("--out", required=True, help="filtered .idx to write (e.g. <rec>/../train_facenms60.idx)")
+    s.add_argument("--gallery-ids", type=guards.non_negative, default=24,
+                   help="identities shown on the page <out stem>.html (0: numbers and plots only)")
     s.set_defaults(func=cmd_select)
+
+    s = sub.add_parser("gallery", help="HTML page of what a filtered index keeps and drops (faces from train.rec)")
+    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--features", required=True, help="folder written by extract for that dataset")
+    s.add_argument("--index", required=True, help="a filtered .idx of that dataset (select, proxy-subset, ...)")
+    s.add_argument("--gallery-ids", type=guards.non_negative, default=24, help="identities shown (0: none)")
+    s.add_argument("--seed", type=guards.seed, default=0, help="seed of the histogram's identity sample")
+    s.add_argument("--out", required=True, help=".html page to write")
+    s.set_defaults(func=cmd_gallery)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")

@@ -127,9 +127,9 @@ def refuse_replacing(outputs, inputs, option="--out"):
 
 
 def selection_outputs(out):
-    """The files ``select --out`` writes: the index, its summary and two plots beside it."""
+    """The files ``select --out`` writes: the index, its summary, two plots and the gallery page beside it."""
     stem = os.path.splitext(out)[0]
-    return [out, f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
+    return [out, f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png", f"{stem}.html"]
 
 
 # ---- outputs that can be written ----
@@ -318,6 +318,27 @@ def check_extract(args):
     writable_folder(args.out)
     model = args.checkpoint or args.onnx
     input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
+
+
+def non_negative(text):
+    value = _integer(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def check_gallery(args):
+    """The index, features and dataset named; an --out .html that is none of them, in a writable folder."""
+    rec_folder(args.rec)
+    feature_folder(args.features)
+    if not args.index:
+        raise UsageError("--index is empty: give the filtered .idx file")
+    input_file(args.index, "--index", ".idx file")
+    inputs = dataset_files(args.rec) + feature_files(args.features) + [
+        (args.index, "the --index file"), (os.path.splitext(args.index)[0] + ".json", "the summary of --index")]
+    refuse_replacing([args.out], inputs)
+    writable_file(args.out)
+    check_feature_folder(args.features)
 
 
 DEMO_NAMES = ("faces", "features")

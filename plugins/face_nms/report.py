@@ -54,22 +54,26 @@ def report_paths(idx_path):
     return [f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
 
 
-def write_selection(idx_path, keys, offsets, sel, labels, dataset=None):
+def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=None):
     """Writes the filtered index (``keys``/``offsets`` of the kept records) with its summary
     ``<stem>.json`` and plots ``<stem>_retention.png``, ``<stem>_nn_cosine.png``, as one set:
     an interruption leaves the previous set or the new one, never a mix. ``dataset``: the
     provenance of the dataset the features came from, recorded in the summary (the training
-    filter compares it with ``config.rec``)."""
-    paths = [idx_path] + report_paths(idx_path)
+    filter compares it with ``config.rec``). ``page``: ``page(path, summary, plot_paths)`` writes
+    ``<stem>.html`` (:mod:`.gallery`) into the same set."""
+    paths = [idx_path] + report_paths(idx_path) + ([os.path.splitext(idx_path)[0] + ".html"] if page else [])
     if dataset is not None:
         # labels of a few kept records: the filter compares them with config.rec's, which the
         # dataset digest (train.idx and the .rec size) alone would not catch after a relabelling
         pick = np.unique(np.linspace(0, len(sel.keep) - 1, min(LABEL_SAMPLE, len(sel.keep))).astype(np.int64))
         dataset = dict(dataset, label_sample={"keys": np.asarray(keys)[pick].tolist(),
                                               "labels": np.asarray(labels)[sel.keep[pick]].tolist()})
-    with output_set(paths, ["", "", ".png", ".png"]) as (tmp_idx, tmp_json, tmp_retention, tmp_nn):
-        write_idx(tmp_idx, keys, offsets)
-        return _write_report(sel, labels, dataset, tmp_json, tmp_retention, tmp_nn)
+    with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)]) as tmps:
+        write_idx(tmps[0], keys, offsets)
+        info = _write_report(sel, labels, dataset, *tmps[1:4])
+        if page is not None:
+            page(tmps[4], info, tmps[2:4])
+        return info
 
 
 def _write_report(sel, labels, dataset, json_path, retention_path, nn_path):

@@ -1,0 +1,300 @@
+"""The gallery: one self-contained HTML page showing what a selection keeps and drops.
+
+The page holds the run's numbers (the ``.json`` summary), its plots, a histogram of each dropped
+face's cosine to its suppressor (the nearest kept face of its identity, :mod:`.suppressors`) with
+the threshold T drawn on it, and a sample of identities (the largest, the smallest of at least
+two faces, the most reduced), each with its kept faces and every shown dropped face beside its
+suppressor and their cosine. Thumbnails are decoded from ``train.rec`` as extract decodes them
+(:class:`.extract.RecordImages`), downscaled to ``THUMB`` px JPEG and embedded as data: URIs:
+no script, font or style sheet is fetched, the page opens from disk.
+
+Size: at most ``PER_IDENTITY`` kept faces and ``PER_IDENTITY`` dropped pairs per identity are
+shown (the rest as "+n more"), so ``ids`` identities cost at most 3 x ``PER_IDENTITY`` x ``ids``
+thumbnails of about 2 KB (about 1.7 MB for the default 24), plus the plots.
+"""
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from .files import atomic_output
+from .suppressors import HIST_ROWS, find_suppressors, histogram_identities
+
+GALLERY_IDS = 24
+PER_IDENTITY = 12
+THUMB = 64
+JPEG_QUALITY = 80
+
+_STYLE = """
+body{font:14px/1.4 sans-serif;margin:16px;color:#222;background:#fff}
+table{border-collapse:collapse}td{padding:1px 10px 1px 0;vertical-align:top}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{max-width:520px}.plots img{border:1px solid #ddd}
+.legend{color:#555}
+section{border-top:1px solid #ccc;padding:6px 0}
+h3{margin:4px 0;font-size:15px}.why{color:#777;font-weight:normal}
+.faces{display:flex;flex-wrap:wrap;align-items:flex-end;gap:4px;margin:4px 0}
+figure{margin:0;text-align:center;font-size:11px}
+figure.pair{border:1px solid #e3b3b3;padding:2px;background:#fdf3f3}
+figure.pair img+img{margin-left:2px}
+img.thumb{width:%dpx;height:%dpx;display:inline-block}
+.more{color:#777;font-size:12px;padding:0 6px}
+""" % (THUMB, THUMB)
+
+
+def pick_identities(labels, kept, n):
+    """Up to ``n`` distinct (label, why): the largest, the smallest (of >= 2 faces), the most reduced, in turn."""
+    sizes = np.bincount(labels)
+    n_kept = np.bincount(labels[kept], minlength=len(sizes))
+    present = np.flatnonzero(sizes > 0)
+    multi = present[sizes[present] > 1]
+    small = multi if len(multi) else present
+    lists = [("largest", present[np.lexsort((present, -sizes[present]))]),
+             ("smallest", small[np.lexsort((small, sizes[small]))]),
+             ("most reduced", present[np.lexsort((present, -sizes[present],
+                                                  n_kept[present] / sizes[present]))])]
+    chosen, seen, at = [], set(), [0, 0, 0]
+    while len(chosen) < n and any(at[i] < len(lst) for i, (_, lst) in enumerate(lists)):
+        for i, (why, lst) in enumerate(lists):
+            while at[i] < len(lst) and int(lst[at[i]]) in seen:
+                at[i] += 1
+            if at[i] < len(lst) and len(chosen) < n:
+                seen.add(int(lst[at[i]]))
+                chosen.append((int(lst[at[i]]), why))
+    return chosen
+
+
+def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None, numbers=(), plots=(),
+               ids=GALLERY_IDS, seed=0, max_rows=HIST_ROWS, title="Face-NMS selection"):
+    """The page's HTML.
+
+    Args:
+        features, labels, keys, offsets: one row per image record of ``rec_dir`` (train.idx order).
+        kept: bool per row, the records the index keeps.
+        threshold: T of an NMS selection, drawn on the histogram (None: no line).
+        numbers: (name, value) pairs of the run; plots: (caption, PNG bytes) pairs.
+        ids: identities shown (0: none); seed: of the histogram's identity sample, when one is needed.
+        max_rows: rows read for the histogram, at most.
+    """
+    labels = np.asarray(labels, np.int64)
+    source = getattr(features, "filename", None) or "features"
+    hist_ids, with_dropped = histogram_identities(labels, kept, max_rows, seed)
+    shown = pick_identities(labels, kept, ids)
+    wanted = np.union1d(hist_ids, np.array([lab for lab, _ in shown], np.int64))
+    sup = find_suppressors(features, labels, kept, wanted, source)
+    in_hist = np.isin(labels[sup.rows], hist_ids)
+    cos = sup.cosine[in_hist]
+    cos = cos[np.isfinite(cos)]
+    if len(hist_ids) == with_dropped:
+        scope = f"all {len(cos):,} dropped faces with a kept face of their identity ({with_dropped:,} identities)"
+    else:
+        scope = (f"the {len(cos):,} dropped faces of a random sample of {len(hist_ids):,} of the {with_dropped:,} "
+                 f"identities with dropped faces (at most {max_rows:,} faces read)")
+    caption = f"cosine of each dropped face to its suppressor, the nearest kept face of its identity: {scope}"
+    hist = _histogram_png(cos, threshold)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+             f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>",
+             "<table class='numbers'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>"
+                                                 for k, v in numbers) + "</table>",
+             "<div class='plots'>"]
+    for cap, png in plots:
+        parts.append(f"<figure><img src='{_uri(png, 'png')}' alt='{_e(cap)}'><figcaption>{_e(cap)}</figcaption>"
+                     f"</figure>")
+    t = "" if threshold is None else f" data-threshold='{threshold!r}'"
+    parts.append(f"<figure id='suppressor-histogram' data-faces='{len(cos)}' data-identities='{len(hist_ids)}' "
+                 f"data-identities-with-dropped='{with_dropped}'{t}><img src='{_uri(hist, 'png')}' "
+                 f"alt='suppressor cosine histogram'><figcaption>{_e(caption)}</figcaption></figure></div>")
+    if shown:
+        parts.append(_identities(rec_dir, labels, keys, offsets, kept, shown, sup))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _identities(rec_dir, labels, keys, offsets, kept, shown, sup):
+    from .extract import RecordImages
+    from .recordio_index import rec_paths
+    rec, _ = rec_paths(rec_dir)
+    blocks, need = [], []
+    for label, why in shown:
+        rows = np.flatnonzero(labels == label)
+        k, d = rows[kept[rows]], rows[~kept[rows]]
+        srows, scos = sup.of(d)
+        by = np.lexsort((d, -np.nan_to_num(scos, nan=-2.0)))  # closest pairs first
+        k_shown, d_shown = k[:PER_IDENTITY], by[:PER_IDENTITY]
+        blocks.append((label, why, len(rows), k, d, k_shown, d[d_shown], srows[d_shown], scos[d_shown]))
+        need += [k_shown, d[d_shown], srows[d_shown][srows[d_shown] >= 0]]
+    need = np.unique(np.concatenate(need)) if need else np.zeros(0, np.int64)
+    images = RecordImages(rec, offsets[need], keys[need])
+    thumbs = {int(r): _thumbnail(images[i].numpy()) for i, r in enumerate(need)}
+
+    def img(row, role):
+        return (f"<img class='thumb {role}' src='{thumbs[int(row)]}' width='{THUMB}' height='{THUMB}' "
+                f"alt='key {int(keys[row])}' title='{role} face, record key {int(keys[row])}'>")
+
+    out = ["<h2>Identities</h2><p class='legend'>Per identity: its kept faces (record keys below), then each "
+           "dropped face (red frame, closest first) beside its suppressor, the nearest kept face of the identity, "
+           "and their cosine.</p>"]
+    for label, why, n, k, d, k_shown, d_shown, s_shown, c_shown in blocks:
+        out.append(f"<section class='identity' id='identity-{label}' data-label='{label}' data-faces='{n}' "
+                   f"data-kept='{len(k)}' data-dropped='{len(d)}'><h3>identity {label} <span class='why'>"
+                   f"{_e(why)}</span></h3><div>{n} faces: {len(k)} kept, {len(d)} dropped</div>")
+        out.append("<div class='faces kept'>" + "".join(
+            f"<figure class='face' data-key='{int(keys[r])}'>{img(r, 'kept')}<figcaption>{int(keys[r])}"
+            f"</figcaption></figure>" for r in k_shown) + _more(len(k) - len(k_shown), "kept") + "</div>")
+        pairs = []
+        for r, s, c in zip(d_shown, s_shown, c_shown):
+            if s < 0:
+                pairs.append(f"<figure class='pair' data-key='{int(keys[r])}' data-suppressor-key='' "
+                             f"data-cosine=''>{img(r, 'dropped')}<figcaption>no kept face</figcaption></figure>")
+                continue
+            pairs.append(f"<figure class='pair' data-key='{int(keys[r])}' data-suppressor-key='{int(keys[s])}' "
+                         f"data-cosine='{float(c):.9g}'>{img(r, 'dropped')}{img(s, 'suppressor')}"
+                         f"<figcaption>cos {float(c):.6f}</figcaption></figure>")
+        out.append("<div class='faces dropped'>" + "".join(pairs) + _more(len(d) - len(d_shown), "dropped")
+                   + "</div></section>")
+    return "\n".join(out)
+
+
+def _more(n, what):
+    return f"<span class='more'>+{n} more {what}</span>" if n > 0 else ""
+
+
+def _thumbnail(rgb):
+    import cv2
+    small = cv2.resize(rgb, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", small[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), JPEG_QUALITY])
+    return _uri(buf.tobytes(), "jpeg")
+
+
+def _uri(data, kind):
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _e(text):
+    return html.escape(str(text), quote=True)
+
+
+def _text(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict) and len(value) > 12:
+        items = list(value.items())
+        value = dict(items[:12], **{"...": f"{len(items) - 12} more"})
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt, plt.subplots(figsize=(5, 3.5))
+
+
+def _png(plt, fig):
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _histogram_png(cos, threshold):
+    plt, (fig, ax) = _figure()
+    if len(cos):
+        ax.hist(cos, bins=60, color="C1")
+    else:
+        ax.text(0.5, 0.5, "no dropped face", ha="center", transform=ax.transAxes)
+    if threshold is not None:
+        ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.3f}")
+        ax.legend()
+    ax.set_xlabel("cosine of a dropped face to its suppressor")
+    ax.set_ylabel("dropped faces")
+    return _png(plt, fig)
+
+
+def retention_png(labels, kept):
+    """Fraction kept by identity size, as select plots it."""
+    from .report import _retention_by_size
+    xs, ys = _retention_by_size(np.asarray(labels, np.int64), np.flatnonzero(kept))
+    plt, (fig, ax) = _figure()
+    fraction = kept.mean()
+    ax.semilogx(xs, ys, "o-")
+    ax.axhline(fraction, color="gray", ls="--", label=f"overall {fraction:.1%}")
+    ax.set_xlabel("faces of the identity")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("retention by identity size")
+    return _png(plt, fig)
+
+
+def summary_numbers(info):
+    """(name, value) rows of a selection summary (the .json beside the index)."""
+    info = dict(info)
+    if isinstance(info.get("dataset"), dict):
+        info["dataset"] = {k: v for k, v in info["dataset"].items() if k != "label_sample"}
+    if isinstance(info.get("threshold_search"), list):
+        info["threshold_search"] = f"{len(info['threshold_search'])} thresholds evaluated on all faces"
+    return list(info.items())
+
+
+def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=GALLERY_IDS, seed=0):
+    """``write(path, info, png_paths)`` for :func:`.report.write_selection`: the page of the selection
+    written to the index ``out``."""
+    def write(path, info, png_paths):
+        kept = np.zeros(len(labels), bool)
+        kept[sel.keep] = True
+        plots = []
+        for p, cap in zip(png_paths, ("retention by identity size", "cosine of each kept face to its nearest kept "
+                                                                     "face of the same identity (identity sample)")):
+            with open(p, "rb") as f:
+                plots.append((cap, f.read()))
+        threshold = sel.threshold if sel.method in ("nms", "local") else None
+        page = build_page(rec_dir, features, labels, keys, offsets, kept, threshold=threshold,
+                          numbers=[("dataset folder", os.path.abspath(rec_dir))] + summary_numbers(info),
+                          plots=plots, ids=ids, seed=seed, title=f"Face-NMS selection: {os.path.basename(out)}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    return write
+
+
+def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=0):
+    """The page of any filtered index of ``rec_dir`` (select's, proxy-subset's, a random one), written
+    atomically to ``out``; T is read from the selection summary beside the index when it is one of
+    this dataset. Returns a one-line report."""
+    from .extract import load_features
+    from .filter import _summary, check_index_dataset
+    from .recordio_index import image_records, load_filtered_index
+    feats, labels, fkeys, _ = load_features(feature_dir, rec_dir)
+    index_keys = load_filtered_index(index, rec_dir)
+    check_index_dataset(index, rec_dir, index_keys)
+    _, keys, offsets = image_records(rec_dir)
+    kept = np.isin(keys, index_keys)
+    labels = np.asarray(labels, np.int64)
+    summary_path, info = _summary(index)
+    is_summary = isinstance(info, dict) and (isinstance(info.get("dataset"), dict) or
+                                             {"total", "kept", "kept_per_identity_histogram"} <= set(info))
+    threshold = None
+    if is_summary and info.get("method") in ("nms", "local") and isinstance(info.get("threshold"), (int, float)) \
+            and not isinstance(info.get("threshold"), bool):
+        threshold = float(info["threshold"])
+    present = np.bincount(labels) > 0
+    numbers = [("dataset folder", os.path.abspath(rec_dir)), ("index", os.path.abspath(index)),
+               ("kept", int(kept.sum())), ("total", len(kept)), ("kept_fraction", float(kept.mean())),
+               ("identities", int(present.sum())),
+               ("identities with no kept face", int((present & (np.bincount(labels[kept], minlength=len(present))
+                                                                == 0)).sum()))]
+    if is_summary:
+        numbers.append(("summary", summary_path))
+        numbers += [(k, v) for k, v in summary_numbers(info) if k not in ("kept", "total", "kept_fraction",
+                                                                           "identities")]
+    page = build_page(rec_dir, feats, labels, keys, offsets, kept, threshold=threshold, numbers=numbers,
+                      plots=[("retention by identity size", retention_png(labels, kept))], ids=ids, seed=seed,
+                      title=f"Face-NMS gallery: {os.path.basename(index)}")
+    with atomic_output(out, ".html") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    t = f"threshold {threshold:.4f}" if threshold is not None else "no threshold (not a selection summary)"
+    return (f"wrote {out}: {int(kept.sum())} of {len(kept)} faces kept by {index}, {t}, "
+            f"{min(ids, int(present.sum()))} identities shown")
