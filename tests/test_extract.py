@@ -156,7 +156,7 @@ def test_select_cli_end_to_end_and_bad_inputs(rec_dir, tmp_path, capsys):
     np.save(bad / "features.npy", f)
     with pytest.raises(SystemExit, match="non-finite"):
         cli(["select", "--features", str(bad), "--rec", rec_dir, "--ratio", "0.6", "--out", out])
-    with pytest.raises(SystemExit, match="no finished extraction"):
+    with pytest.raises(SystemExit, match="no finished extraction .*; give the --out folder of a finished extract run"):
         cli(["select", "--features", str(tmp_path / "nothing"), "--rec", rec_dir, "--ratio", "0.6", "--out", out])
     with pytest.raises(SystemExit):
         cli(["select", "--features", feat_dir, "--rec", rec_dir, "--ratio", "0", "--out", out])

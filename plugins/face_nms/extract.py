@@ -669,7 +669,7 @@ def load_features(feature_dir, rec_dir=None):
     meta_path = os.path.join(feature_dir, "meta.json")
     if not os.path.exists(path) or not os.path.exists(meta_path):
         hint = " (the extraction is unfinished: run extract again to complete it)" \
-            if os.path.exists(path + ".partial") else ""
+            if os.path.exists(path + ".partial") else "; give the --out folder of a finished extract run"
         raise FileNotFoundError(f"{feature_dir} holds no finished extraction (features.npy + meta.json){hint}")
     meta = _load_meta(meta_path)
     feats = np.load(path, mmap_mode="r")
