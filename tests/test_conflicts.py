@@ -55,7 +55,7 @@ def test_default_threshold_is_reported_and_separates():
     feats, labels, truth = planted(n_ids=800, dup=20, seed=1)
     res = find_conflicts(feats, labels, faces=False)
     med, sigma = res.rule["median"], res.rule["robust_sigma"]
-    assert res.threshold == pytest.approx(med + 8 * sigma, abs=1e-6)
+    assert res.threshold == pytest.approx(med + 6 * sigma, abs=1e-6)
     assert np.median(res.nearest_other) == pytest.approx(med, abs=1e-6)
     planted_cos = [c for a, b, c in res.label_pairs() if (a, b) in truth]
     assert min(planted_cos) > res.threshold

@@ -235,7 +235,7 @@ def main(argv=None):
     s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
     s.add_argument("--out", required=True, help="summary .json; <stem>_pairs.csv and <stem>_faces.csv go beside it")
     s.add_argument("--threshold", type=guards.threshold, help="center cosine T in [-1, 1] above which two identities "
-                   "conflict (default: median + 8 robust standard deviations of the nearest-other-center cosine)")
+                   "conflict (default: median + 6 robust standard deviations of the nearest-other-center cosine)")
     s.add_argument("--centers", help=".npy of num_classes x d identity centers (e.g. PartialFC weights)")
     s.add_argument("--drop", help="also write this filtered .idx without the conflicting records")
     s.add_argument("--drop-mode", default="identity", choices=["identity", "faces"],

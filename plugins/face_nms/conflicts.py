@@ -6,7 +6,7 @@
    CPU, exact blocked products on a GPU). Pairs whose cosine exceeds the threshold T are the
    conflicts; each pair is found from either of its two centers.
 3. T from the data when not given: the cosine of each center to its nearest other center, s_y,
-   is one per identity; T = median(s) + Z * 1.4826 * MAD(s), an outlier rule (Z = 8) that the
+   is one per identity; T = median(s) + Z * 1.4826 * MAD(s), an outlier rule (Z = 6) that the
    few duplicated identities do not move. Planted duplicates sit far above it; distinct
    identities reach it only in the far tail of their nearest-neighbour cosine.
 4. Faces closer to another identity's center than to their own: a second sequential pass over
@@ -25,7 +25,7 @@ import numpy as np
 from .centers import identity_centers
 from .neighbours import nearest
 
-Z = 8.0         # outlier rule of the default threshold, in robust standard deviations
+Z = 6.0         # outlier rule of the default threshold, in robust standard deviations
 NEIGHBOURS = 8  # k: other centers kept per center (pairs and the faces check)
 
 
@@ -112,7 +112,7 @@ def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOU
 def find_identity_conflicts(features, labels, threshold=None, centers=None):
     """``[(label_a, label_b, cosine)]``, label_a < label_b, by cosine descending: identities whose
     centers (normalised mean features, or rows of ``centers``) are nearer than ``threshold``
-    (None: median + 8 robust standard deviations of the nearest-other-center cosine)."""
+    (None: median + 6 robust standard deviations of the nearest-other-center cosine)."""
     return find_conflicts(features, labels, threshold=threshold, centers=centers, faces=False).label_pairs()
 
 
