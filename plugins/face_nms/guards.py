@@ -329,13 +329,13 @@ def check_conflicts(args):
     check_device(args.device)
     rec_folder(args.rec)
     feature_folder(args.features)
-    if not args.out.endswith(".json"):
-        raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     outputs = conflict_outputs(args.out) + ([args.drop] if args.drop else [])
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
     refuse_replacing(outputs, inputs)
+    if not args.out.endswith(".json"):
+        raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     if args.drop:
         refuse_replacing([args.drop], [(p, "an output of --out") for p in outputs[:3]], "--drop")
     for path in outputs:
