@@ -2,6 +2,7 @@
 
 Pipeline: recordio_index -> proxy_subset -> extract -> select -> filter (train).
 """
+from .conflicts import find_identity_conflicts
 from .select import Selection, select_core_set
 
-__all__ = ["Selection", "select_core_set"]
+__all__ = ["Selection", "find_identity_conflicts", "select_core_set"]

@@ -1,4 +1,4 @@
-"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,demo}"""
+"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,demo}"""
 import argparse
 import copy
 import os
@@ -151,6 +151,31 @@ def cmd_gallery(args):
         print(write_index_page(args.rec, args.features, args.index, args.out, ids=args.gallery_ids, seed=args.seed))
 
 
+def cmd_conflicts(args):
+    from .conflicts import find_conflicts, write_conflicts
+    from .extract import load_features
+    from .recordio_index import image_records
+    centers = guards.check_conflicts(args)
+    feats, labels, keys, meta = load_features(args.features, args.rec)
+    if centers is not None and (centers.shape[1] != feats.shape[1] or len(centers) <= labels.max()):
+        raise ValueError(f"--centers {args.centers} has shape {centers.shape}; these features need num_classes x "
+                         f"{feats.shape[1]} with num_classes > {int(labels.max())}: give the centers of this dataset")
+    res = find_conflicts(feats, labels, threshold=args.threshold, centers=centers, k=args.k, device=args.device,
+                         method=args.method, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed,
+                         chunk_rows=args.chunk_rows, progress=True,
+                         log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr))
+    _, _, rec_offsets = image_records(args.rec)  # load_features checked: one image record per row, in order
+    with guards.writing(f"{args.out} or the tables beside it"):
+        info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
+                               extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
+                                      "features", "dataset": meta.get("provenance", {}).get("dataset")})
+    rule = "given" if args.threshold is not None else res.rule["rule"]
+    print(f"threshold {res.threshold:.4f} ({rule}); {info['pairs']} conflicting pairs of {info['identities']} "
+          f"identities, {info['flagged_faces']} faces nearer another identity's center "
+          f"[{res.search['method']} search]; wrote {args.out}" + (f", {args.drop}" if args.drop else ""))
+    return info
+
+
 def cmd_demo(args):
     from .demo import run_demo
     guards.check_demo(args)
@@ -225,6 +250,27 @@ def main(argv=None):
     s.add_argument("--seed", type=guards.seed, default=0, help="seed of the histogram's identity sample")
     s.add_argument("--out", required=True, help=".html page to write")
     s.set_defaults(func=cmd_gallery)
+
+    s = sub.add_parser("conflicts", help="identities whose centers are too near (one person under two labels), as "
+                                         "JSON + CSV, optionally a filtered .idx without them")
+    s.add_argument("--features", required=True, help="folder written by extract")
+    s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
+    s.add_argument("--out", required=True, help="summary .json; <stem>_pairs.csv and <stem>_faces.csv go beside it")
+    s.add_argument("--threshold", type=guards.threshold, help="center cosine T in [-1, 1] above which two identities "
+                   "conflict (default: median + 6 robust standard deviations of the nearest-other-center cosine)")
+    s.add_argument("--centers", help=".npy of num_classes x d identity centers (e.g. PartialFC weights)")
+    s.add_argument("--drop", help="also write this filtered .idx without the conflicting records")
+    s.add_argument("--drop-mode", default="identity", choices=["identity", "faces"],
+                   help="identity: the smaller identity of each pair; faces: the faces nearer another center")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (GPU: exact search)")
+    s.add_argument("--method", choices=["exact", "ivf"], help="CPU search (default: exact while centers^2 <= 4e9, "
+                                                              "else IVF)")
+    s.add_argument("--nlist", type=guards.positive, help="IVF cells (default: about sqrt(identities))")
+    s.add_argument("--nprobe", type=guards.positive, help="IVF cells searched per center (default: nlist / 8)")
+    s.add_argument("--k", type=guards.positive, default=8, help="nearest other centers searched per identity")
+    s.add_argument("--seed", type=guards.seed, default=0, help="IVF training sample")
+    s.add_argument("--chunk-rows", type=guards.positive, default=1 << 16, help="rows read per block")
+    s.set_defaults(func=cmd_conflicts)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")

@@ -7,9 +7,11 @@ import numpy as np
 import torch
 
 
-def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, progress=False):
+def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, progress=False, norms=False):
     """Returns ``(ids, C, counts)``: the labels present (sorted), their unit-norm centers C
-    (float32, len(ids) x d) and their face counts.
+    (float32, len(ids) x d) and their face counts; with ``norms=True`` also ``|S|``, the norm of
+    each identity's sum of unit rows (C = S / |S|; None with ``centers``), from which a face's
+    cosine to its identity's center without that face follows.
 
     Args:
         features: N x d rows (a memory-mapped float16 ``features.npy`` is read sequentially once).
@@ -26,7 +28,8 @@ def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, prog
         if c.ndim != 2 or c.shape[1] != features.shape[1] or (len(ids) and ids[-1] >= len(c)):
             raise ValueError(f"centers must be a (num_classes x {features.shape[1]}) array covering label "
                              f"{int(ids[-1]) if len(ids) else 0}, got shape {c.shape}")
-        return ids, _unit(np.ascontiguousarray(c[ids])), counts
+        c = _unit(np.ascontiguousarray(c[ids]))[0]
+        return (ids, c, counts, None) if norms else (ids, c, counts)
     sums = torch.zeros((len(ids), features.shape[1]), dtype=torch.float32)
     inv = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
     steps = range(0, len(labels), chunk_rows)
@@ -37,7 +40,8 @@ def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, prog
         block = torch.from_numpy(np.asarray(features[s:s + chunk_rows], np.float32))
         block = torch.nn.functional.normalize(block, dim=1)
         sums.index_add_(0, inv[s:s + len(block)], block)
-    return ids, _unit(sums.numpy()), counts
+    c, lengths = _unit(sums.numpy())
+    return (ids, c, counts, lengths) if norms else (ids, c, counts)
 
 
 def _unit(c):
@@ -47,4 +51,4 @@ def _unit(c):
         raise ValueError(f"{int(bad.sum())} identity center(s), the first at position {int(np.flatnonzero(bad)[0])}, "
                          f"are not finite or zero: the features of that identity cancel out or are broken")
     c /= norms
-    return c
+    return c, norms[:, 0]

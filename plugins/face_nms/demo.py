@@ -109,6 +109,7 @@ class TinyNet(torch.nn.Module):
 
 def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     """Generates the set, extracts, selects at ``ratio`` and prints what was kept."""
+    from .conflicts import find_identity_conflicts
     from .extract import TorchModel, extract_features, load_features
     from .recordio_index import image_records
     from .report import write_selection
@@ -118,9 +119,12 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     work_dir = work_dir or tempfile.mkdtemp(prefix="face_nms_demo_")
     rec_dir = os.path.join(work_dir, "faces")
     images, labels, burst = synthetic_faces(n_ids, seed)
+    # one person under two labels: every other face of identity 3 becomes identity n_ids
+    dup = min(3, n_ids - 1)
+    labels[np.flatnonzero(labels == dup)[::2]] = n_ids
     keys = write_recordio(rec_dir, images, labels, "im2rec", shuffle_seed=seed)
-    out(f"wrote {len(images)} faces of {n_ids} identities ({int(burst.sum())} in near-duplicate bursts) "
-        f"to {rec_dir} (im2rec layout, shuffled)")
+    out(f"wrote {len(images)} faces of {n_ids + 1} identities ({int(burst.sum())} in near-duplicate bursts; "
+        f"identity {dup} also under label {n_ids}) to {rec_dir} (im2rec layout, shuffled)")
     torch.manual_seed(seed)
     feat_dir = os.path.join(work_dir, "features")
     extract_features(rec_dir, feat_dir, TorchModel(TinyNet(seed=seed), "cpu"), batch_size=64, workers=0,
@@ -143,5 +147,9 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
         kept = [key for key in rows if key in kept_keys]
         out(f"  identity {k}: {len(rows)} faces ({b} burst frames) -> kept {len(kept)} "
             f"({sum(is_burst[key] for key in kept)} burst frames)")
+    found = find_identity_conflicts(feats, flabels)
+    planted = [c for a, b, c in found if (a, b) == (dup, n_ids)]
+    out(f"conflicts: {len(found)} pair(s) at the default threshold; the planted duplicate ({dup}, {n_ids}) is "
+        + (f"found at cosine {planted[0]:.4f}" if planted else "NOT found"))
     out(f"filtered index: {idx_path} (+ .json summary and .png plots); {time.time() - t0:.1f} s")
     return sel, idx_path

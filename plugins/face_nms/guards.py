@@ -341,6 +341,31 @@ def check_gallery(args):
     check_feature_folder(args.features)
 
 
+def check_conflicts(args):
+    """Everything ``conflicts`` can know before reading the features; returns the centers."""
+    from .conflicts import conflict_outputs
+    if args.device and str(args.device).startswith("cuda") and args.method == "ivf":
+        raise UsageError(f"--method ivf runs on the CPU; the search on --device {args.device} is exact: "
+                         f"leave --method out or use --device cpu")
+    check_device(args.device)
+    rec_folder(args.rec)
+    feature_folder(args.features)
+    outputs = conflict_outputs(args.out) + ([args.drop] if args.drop else [])
+    inputs = dataset_files(args.rec) + feature_files(args.features)
+    if args.centers:
+        inputs.append((args.centers, "the --centers file"))
+    refuse_replacing(outputs, inputs)
+    if not args.out.endswith(".json"):
+        raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
+    if args.drop:
+        refuse_replacing([args.drop], [(p, "an output of --out") for p in outputs[:3]], "--drop")
+    for path in outputs:
+        writable_file(path, "--drop" if path == args.drop else "--out" if path == args.out else
+                      f"--out {args.out}: output")
+    check_feature_folder(args.features)
+    return load_centers(args.centers) if args.centers else None
+
+
 DEMO_NAMES = ("faces", "features")
 
 

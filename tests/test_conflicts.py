@@ -1,0 +1,189 @@
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from plugins.face_nms import find_identity_conflicts
+from plugins.face_nms.__main__ import main
+from plugins.face_nms.conflicts import find_conflicts
+from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
+from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.recordio_index import image_records, read_idx
+
+from test_cli import cli, one_line, snapshot
+
+
+def planted(n_ids=1500, dup=60, d=512, seed=0, groups=20):
+    """Faces around identity centers spread on the sphere (a little grouped, as faces of one
+    population are), intra-identity cosine 0.5-0.8; ``dup`` identities split under a second label.
+    Returns (float16 features, labels, set of planted (label_a, label_b))."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((groups, d))
+    c = 0.5 * g[rng.integers(0, groups, n_ids)] + rng.standard_normal((n_ids, d))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    sizes = rng.integers(4, 30, n_ids)
+    labels = np.repeat(np.arange(n_ids), sizes)
+    a = np.sqrt(rng.uniform(0.5, 0.8, n_ids))[labels, None]  # cos(face, center): face pairs at a^2
+    u = rng.standard_normal((len(labels), d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    x = a * c[labels] + np.sqrt(1 - a * a) * u
+    split = rng.choice(n_ids, dup, replace=False)
+    pairs = set()
+    for j, y in enumerate(split):
+        rows = np.flatnonzero(labels == y)
+        moved = rng.permutation(rows)[:len(rows) // 2]
+        labels[moved] = n_ids + j
+        pairs.add((int(y), n_ids + j))
+    order = rng.permutation(len(labels))  # im2rec-style shuffle
+    return (x[order] / np.linalg.norm(x[order], axis=1, keepdims=True)).astype(np.float16), labels[order], pairs
+
+
+def test_planted_duplicates_found_at_the_default_threshold():
+    feats, labels, truth = planted()
+    found = find_identity_conflicts(feats, labels)
+    got = {(a, b) for a, b, _ in found}
+    assert all(a < b for a, b, _ in found)
+    assert [c for _, _, c in found] == sorted((c for _, _, c in found), reverse=True)
+    recall = len(got & truth) / len(truth)
+    precision = len(got & truth) / max(1, len(got))
+    assert recall >= 0.95 and precision >= 0.90, (recall, precision, len(got))
+
+
+def test_default_threshold_is_reported_and_separates():
+    feats, labels, truth = planted(n_ids=800, dup=20, seed=1)
+    res = find_conflicts(feats, labels, faces=False)
+    med, sigma = res.rule["median"], res.rule["robust_sigma"]
+    assert res.threshold == pytest.approx(med + 6 * sigma, abs=1e-6)
+    assert np.median(res.nearest_other) == pytest.approx(med, abs=1e-6)
+    planted_cos = [c for a, b, c in res.label_pairs() if (a, b) in truth]
+    assert min(planted_cos) > res.threshold
+    # a threshold given is used as is
+    assert find_identity_conflicts(feats, labels, threshold=0.999) == []
+
+
+def test_given_centers_replace_mean_features():
+    feats, labels, truth = planted(n_ids=300, dup=10, seed=2)
+    n = labels.max() + 1
+    centers = np.random.default_rng(5).standard_normal((n, feats.shape[1])).astype(np.float32)
+    a, b = sorted(truth)[0]
+    centers[b] = centers[a] + 0.1 * centers[b]
+    found = find_identity_conflicts(feats, labels, centers=centers)
+    assert [(x, y) for x, y, _ in found] == [(a, b)]
+
+
+def test_faces_nearer_another_center_are_flagged():
+    feats, labels, truth = planted(n_ids=400, dup=10, seed=3)
+    feats = feats.astype(np.float32)
+    # one face of identity 0 replaced by a face of its nearest other identity's center
+    res0 = find_conflicts(feats, labels, faces=True)
+    assert all(labels[r] in {y for p in truth for y in p} for r in res0.face_rows[:0])
+    ids = res0.ids
+    row = int(np.flatnonzero(labels == 7)[0])
+    pos7 = int(np.searchsorted(ids, 7))
+    other = None
+    from plugins.face_nms.centers import identity_centers
+    _, C, _ = identity_centers(feats, labels)
+    sims = C @ C[pos7]
+    sims[pos7] = -2
+    other = int(np.argmax(sims))
+    feats[row] = C[other]
+    res = find_conflicts(feats, labels, faces=True)
+    i = list(res.face_rows).index(row)
+    assert int(res.ids[res.face_other[i]]) == int(ids[other])
+    assert res.face_other_cos[i] > res.face_own_cos[i]
+    # faces of distinct, unsplit identities are not flagged
+    split = {y for p in truth for y in p}
+    assert {int(labels[r]) for r in res.face_rows} <= split | {7}
+
+
+# ---- the command on real RecordIO and a real extraction ----
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """An im2rec set written by mxnet, identity 3 split under label 40, and its TinyNet features."""
+    root = tmp_path_factory.mktemp("conflicts")
+    images, labels, _ = synthetic_faces(n_ids=40, seed=0)
+    labels[np.flatnonzero(labels == 3)[::2]] = 40
+    rec = str(root / "ds")
+    write_recordio(rec, images, labels, "im2rec", shuffle_seed=0)
+    feats = extract_features(rec, str(root / "feats"), TorchModel(TinyNet(seed=0), "cpu"), batch_size=64,
+                             workers=0, progress=False)
+    centers = str(root / "centers.npy")
+    np.save(centers, np.random.default_rng(0).standard_normal((41, 128)).astype(np.float32))
+    return {"root": str(root), "rec": rec, "feats": feats, "centers": centers, "labels": labels}
+
+
+def conflicts(ds, out, *extra):
+    return ["conflicts", "--features", ds["feats"], "--rec", ds["rec"], "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("mode", ["identity", "faces"])
+def test_cli_writes_json_csv_and_drop_index(ds, capsys, tmp_path, mode):
+    out, drop = tmp_path / "c.json", tmp_path / "clean.idx"
+    status, _ = cli(conflicts(ds, out, "--drop", str(drop), "--drop-mode", mode), capsys)
+    assert status == 0
+    info = json.load(open(out))
+    assert [(p["label_a"], p["label_b"]) for p in info["pairs_list"]] == [(3, 40)]
+    assert info["threshold_rule"]["z"] == 6 and info["search"]["method"] == "exact"
+    labels = ds["labels"]
+    assert info["pairs_list"][0]["size_a"] == (labels == 3).sum()
+    rows = list(csv.DictReader(open(tmp_path / "c_pairs.csv")))
+    assert [(int(r["label_a"]), int(r["label_b"])) for r in rows] == [(3, 40)]
+    faces = list(csv.DictReader(open(tmp_path / "c_faces.csv")))
+    assert len(faces) == info["flagged_faces"] == len(info["flagged_faces_list"])
+    _, rec_keys, rec_offsets = image_records(ds["rec"])
+    keys, offsets = read_idx(str(drop))
+    label_of = dict(zip(np.load(os.path.join(ds["feats"], "keys.npy")).tolist(),
+                        np.load(os.path.join(ds["feats"], "labels.npy")).tolist()))
+    if mode == "identity":
+        smaller = 3 if (labels == 3).sum() < (labels == 40).sum() else 40
+        assert len(keys) == len(rec_keys) - (labels == smaller).sum()
+        assert smaller not in {label_of[k] for k in keys.tolist()}
+    else:
+        flagged = {int(f["key"]) for f in faces}
+        assert set(keys.tolist()) == set(rec_keys.tolist()) - flagged
+    assert info["drop"]["kept_faces"] == len(keys)
+    assert dict(zip(rec_keys.tolist(), rec_offsets.tolist())) | dict(zip(keys.tolist(), offsets.tolist())) == \
+        dict(zip(rec_keys.tolist(), rec_offsets.tolist()))
+
+
+def test_cli_given_threshold_and_centers(ds, capsys, tmp_path):
+    out = tmp_path / "c.json"
+    assert cli(conflicts(ds, out, "--threshold", "1"), capsys)[0] == 0
+    info = json.load(open(out))
+    assert info["pairs"] == 0 and info["threshold"] == 1.0 and info["threshold_rule"] == {"rule": "given"}
+    assert cli(conflicts(ds, out, "--centers", ds["centers"]), capsys)[0] == 0
+    assert json.load(open(out))["centers"] == ds["centers"]
+
+
+def test_cli_bad_inputs_are_one_line(ds, capsys, tmp_path):
+    data = {"rec": ds["rec"], "feats": ds["feats"], "centers": ds["centers"]}
+    before = snapshot(data)
+    out = tmp_path / "c.json"
+    one_line(*cli(conflicts(ds, out, "--threshold", "1.5"), capsys), 2, "--threshold", "[-1, 1]")
+    one_line(*cli(conflicts(ds, out, "--threshold", "-2"), capsys), 2, "--threshold")
+    one_line(*cli(conflicts(ds, os.path.join(ds["rec"], "train.idx")), capsys), 2, "train.idx", "replace an input")
+    one_line(*cli(conflicts(ds, os.path.join(ds["feats"], "meta.json")), capsys), 2, "meta.json", "replace an input")
+    one_line(*cli(conflicts(ds, out, "--drop", os.path.join(ds["rec"], "train.idx")), capsys), 2, "train.idx")
+    one_line(*cli(conflicts(ds, out, "--drop", str(tmp_path / "c_pairs.csv")), capsys), 2, "--drop", "c_pairs.csv")
+    one_line(*cli(conflicts(ds, tmp_path / "c.txt"), capsys), 2, "--out", ".json")
+    one_line(*cli(conflicts(ds, tmp_path / "no" / "c.json"), capsys), 1, "does not exist")
+    one_line(*cli(conflicts(ds, out, "--centers", ds["centers"] + ".missing"), capsys), 1, "--centers", "not found")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.ones((41, 64), np.float32))
+    one_line(*cli(conflicts(ds, out, "--centers", str(wrong)), capsys), 1, str(wrong), "41, 64", "128")
+    few = tmp_path / "few.npy"
+    np.save(few, np.ones((5, 128), np.float32))
+    one_line(*cli(conflicts(ds, out, "--centers", str(few)), capsys), 1, str(few), "num_classes > 40")
+    one_line(*cli(["conflicts", "--features", str(tmp_path / "none"), "--rec", ds["rec"], "--out", str(out)],
+                  capsys), 1, "none")
+    other = tmp_path / "other"
+    images, labels, _ = synthetic_faces(n_ids=5, seed=9)
+    write_recordio(str(other), images, labels, "im2rec")
+    one_line(*cli(["conflicts", "--features", ds["feats"], "--rec", str(other), "--out", str(out)], capsys), 1,
+             "not extracted from")
+    one_line(*cli(conflicts(ds, out, "--device", "cuda:99", "--method", "ivf"), capsys), 2, "--method ivf")
+    assert not out.exists() and not (tmp_path / "c_pairs.csv").exists()
+    assert snapshot(data) == before

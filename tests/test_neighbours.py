@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from plugins.face_nms.neighbours import nearest
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def planted_pairs(n=20000, d=128, pairs=300, cos=0.86, seed=0):
+    rng = np.random.default_rng(seed)
+    x = unit(rng.standard_normal((n, d)))
+    a = rng.choice(n // 2, pairs, replace=False)
+    b = a + n // 2
+    noise = rng.standard_normal((pairs, d)).astype(np.float32)
+    noise -= (noise * x[a]).sum(1, keepdims=True) * x[a]
+    x[b] = cos * x[a] + np.sqrt(1 - cos ** 2) * unit(noise)
+    return x, a, b
+
+
+def test_exact_matches_brute_force():
+    x = unit(np.random.default_rng(1).standard_normal((500, 32)))
+    S, I, info = nearest(x, x, 5, method="exact")
+    full = x @ x.T
+    assert info["method"] == "exact"
+    assert np.array_equal(I, np.argsort(-full, axis=1)[:, :5])
+    assert np.allclose(S, np.sort(full, axis=1)[:, ::-1][:, :5], atol=1e-5)
+
+
+@pytest.mark.parametrize("cos, floor", [(0.7, 0.95), (0.86, 0.99)])
+def test_ivf_defaults_find_near_pairs_as_exact_does(cos, floor):
+    x, a, b = planted_pairs(cos=cos)
+    _, Ie, _ = nearest(x, x, 2, method="exact")
+    _, Ii, info = nearest(x, x, 2, method="ivf")
+    assert info["nprobe"] == info["nlist"] // 8
+    exact = ((Ie[a] == b[:, None]).any(1) | (Ie[b] == a[:, None]).any(1)).mean()
+    ivf = ((Ii[a] == b[:, None]).any(1) | (Ii[b] == a[:, None]).any(1)).mean()
+    assert exact == 1.0
+    assert ivf >= floor, ivf
+
+
+def test_ivf_recall_grows_with_nprobe():
+    x, a, b = planted_pairs(cos=0.6)
+    recall = []
+    for nprobe in (2, 16, 128):
+        _, I, _ = nearest(x, x, 2, method="ivf", nlist=128, nprobe=nprobe)
+        recall.append(((I[a] == b[:, None]).any(1) | (I[b] == a[:, None]).any(1)).mean())
+    assert recall[0] < recall[1] <= recall[2] == 1.0
+
+
+def test_timings_and_fewer_rows_than_k():
+    x = unit(np.random.default_rng(2).standard_normal((3, 8)))
+    S, I, info = nearest(x, x, 5)
+    assert (I[:, 3:] == -1).all() and info["train_add_s"] >= 0 and info["search_s"] >= 0
