@@ -2,6 +2,7 @@
 
 Pipeline: recordio_index -> proxy_subset -> extract -> select -> filter (train).
 """
+from .overlap import find_overlap
 from .select import Selection, select_core_set
 
-__all__ = ["Selection", "select_core_set"]
+__all__ = ["Selection", "find_overlap", "select_core_set"]
