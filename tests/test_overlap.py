@@ -136,10 +136,10 @@ def test_cli_finds_the_planted_identities_at_the_default_threshold(world, tmp_pa
         assert entry["images"] == len(truth) and entry["pairs"] == len(truth) // 2
         for ident in entry["identities"]:
             assert ident["cosine"] >= report["threshold"]
-            assert all(truth[i] == ident["label"] for i in ident["images"]), (ident, truth)
+            assert all(truth[i] == ident["label"] for i in ident["image_indices"]), (ident, truth)
     lfw = next(e for e in report["bins"] if e["bin"] == os.path.abspath(world.lfw))
     copy = next(i for i in lfw["identities"] if i["label"] == PLANTED)
-    assert world.copy_index in copy["images"]
+    assert world.copy_index in copy["image_indices"]
     # the exclusion index: every training record of the other identities, at its offset
     index = read_index(world.rec)
     keep = ~np.isin(index.labels, sorted(found))
@@ -180,6 +180,25 @@ def test_find_overlap_api_matches_the_cli(world, tmp_path, capsys):
     # an explicit threshold above every cosine finds nothing; -1 finds every nearest identity
     assert len(find_overlap(feats, labels, evals, 1.0)) == 0
     assert len(find_overlap(feats, labels, evals, -1.0)) >= len(got)
+
+
+def test_eval_images_take_the_flip_setting_of_the_extraction(world, tmp_path, capsys):
+    from plugins.face_nms.centers import identity_centers
+    from plugins.face_nms.overlap import embed
+    flipped = extract_features(world.rec, str(tmp_path / "flip"), OnnxModel(world.onnx, "cpu"), flip=True,
+                               batch_size=32, workers=0, progress=False)
+    out = str(tmp_path / "o.json")
+    argv = overlap(world, "--out", out, bins=[world.lfw])
+    argv[argv.index(world.feats)] = flipped
+    assert cli(argv, capsys)[0] == 0
+    report = json.load(open(out))
+    got = next(i for i in report["bins"][0]["identities"] if i["label"] == PLANTED)["cosine"]
+    feats, labels, _, _ = load_features(flipped, world.rec)
+    ids, C, _ = identity_centers(feats, labels)
+    model, b = OnnxModel(world.onnx, "cpu"), read_bin(world.lfw)
+    want = {flip: float(embed(model, b, flip)[world.copy_index] @ C[PLANTED]) for flip in (True, False)}
+    assert report["flip"] is True and got == pytest.approx(want[True], abs=1e-5)
+    assert abs(want[True] - want[False]) > 1e-3
 
 
 def _synthetic_features(rng, n_ids, dim=256):

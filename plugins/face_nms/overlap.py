@@ -258,7 +258,7 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
         for lab in np.unique(labs):
             m = labs == lab
             per.append({"label": int(lab), "cosine": round(float(cos[m].max()), 6),
-                        "images": sorted(set(rows[m].tolist()))})
+                        "image_indices": sorted(set(rows[m].tolist()))})
         report["bins"].append({"bin": os.path.abspath(b.path), "images": len(b), "pairs": len(b.issame),
                                "matched_images": int(len(np.unique(rows))), "identities": per})
     sizes = dict(zip(centers[0].tolist(), centers[2].tolist()))
