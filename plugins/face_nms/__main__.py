@@ -1,4 +1,4 @@
-"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,demo}"""
+"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,demo}"""
 import argparse
 import copy
 import os
@@ -176,6 +176,24 @@ def cmd_conflicts(args):
     return info
 
 
+def cmd_overlap(args):
+    from .overlap import run_overlap
+    guards.check_overlap(args)
+    with guards.writing(args.out if not args.exclude else f"{args.out} or {args.exclude}"):
+        r = run_overlap(args.features, args.rec, args.bin, args.out, checkpoint=args.checkpoint, network=args.network,
+                        embedding_size=args.embedding_size, onnx=args.onnx, exclude=args.exclude,
+                        threshold=args.threshold, device=args.device, batch_size=args.batch_size,
+                        log=lambda line: print(line, file=sys.stderr))
+    t = r["totals"]
+    rule = "given" if args.threshold is not None else "robust equal-error point of the training set"
+    print(f"wrote {args.out}: {t['identities']} training identities ({t['training_faces_of_them']} faces) match "
+          f"{t['matched_images']} of {t['evaluation_images']} evaluation images at threshold {r['threshold']:.4f} "
+          f"({rule}; {r['search']['method']} search)" +
+          (f"; exclusion index {args.exclude}: {r['exclusion']['kept']} of {t['training_faces']} faces" if
+           args.exclude else ""))
+    return r
+
+
 def cmd_demo(args):
     from .demo import run_demo
     guards.check_demo(args)
@@ -271,6 +289,23 @@ def main(argv=None):
     s.add_argument("--seed", type=guards.seed, default=0, help="IVF training sample")
     s.add_argument("--chunk-rows", type=guards.positive, default=1 << 16, help="rows read per block")
     s.set_defaults(func=cmd_conflicts)
+
+    s = sub.add_parser("overlap", help="training identities that also appear in evaluation .bin files (LFW, ...)")
+    s.add_argument("--features", required=True, help="folder written by extract")
+    s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
+    s.add_argument("--bin", required=True, action="append", help="evaluation .bin (repeat: lfw.bin, cfp_fp.bin, ...)")
+    s.add_argument("--checkpoint", help="the arcface_torch model.pt the features were extracted with (with --network)")
+    s.add_argument("--network", help="arcface_torch network name of the checkpoint")
+    s.add_argument("--embedding-size", type=guards.positive, default=512)
+    s.add_argument("--onnx", help="the ONNX model the features were extracted with")
+    s.add_argument("--threshold", type=guards.threshold,
+                   help="cosine to an identity center that counts as a match, in [-1, 1] (default: the equal-error "
+                        "point of the training set's own genuine and impostor cosines, reported)")
+    s.add_argument("--exclude", help="also write this filtered .idx: the training set without those identities")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (model and search)")
+    s.add_argument("--batch-size", type=guards.positive, default=256)
+    s.add_argument("--out", required=True, help="overlap report to write (.json)")
+    s.set_defaults(func=cmd_overlap)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")

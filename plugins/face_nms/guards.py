@@ -366,6 +366,38 @@ def check_conflicts(args):
     return load_centers(args.centers) if args.centers else None
 
 
+def check_overlap(args):
+    """Model options, the inputs (features, dataset, .bin files, model) and outputs that replace none of them."""
+    if bool(args.onnx) == bool(args.checkpoint):
+        raise UsageError("give the model of the features: --checkpoint model.pt --network NAME or --onnx model.onnx, "
+                         "one of the two")
+    if args.checkpoint and not args.network:
+        raise UsageError("--checkpoint needs --network, the arcface_torch name of its network (r18, r50, r100, ...)")
+    check_device(args.device)
+    rec_folder(args.rec)
+    feature_folder(args.features)
+    model = args.checkpoint or args.onnx
+    inputs = dataset_files(args.rec) + feature_files(args.features) + [(model, f"the model {model}")]
+    for i, path in enumerate(args.bin):
+        input_file(path, "--bin", "evaluation .bin file")
+        if any(same_file(path, other) for other in args.bin[:i]):
+            raise UsageError(f"--bin {path} is given twice; give each evaluation set once")
+        inputs.append((path, f"the evaluation set {path}"))
+    outputs = [args.out]
+    if args.exclude:
+        if same_file(args.exclude, args.out):
+            raise UsageError(f"--exclude {args.exclude} is --out; name the report .json and the index .idx")
+        outputs += [args.exclude, os.path.splitext(args.exclude)[0] + ".json"]
+    refuse_replacing(outputs[:1], inputs)
+    if args.exclude:
+        refuse_replacing(outputs[1:], inputs, "--exclude")
+    for path in dict.fromkeys(outputs):
+        writable_file(path, "--out" if path == args.out else "--exclude" if path == args.exclude else
+                      f"--exclude {args.exclude}: summary")
+    input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
+    check_feature_folder(args.features)
+
+
 DEMO_NAMES = ("faces", "features")
 
 
