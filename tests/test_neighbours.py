@@ -53,3 +53,17 @@ def test_timings_and_fewer_rows_than_k():
     x = unit(np.random.default_rng(2).standard_normal((3, 8)))
     S, I, info = nearest(x, x, 5)
     assert (I[:, 3:] == -1).all() and info["train_add_s"] >= 0 and info["search_s"] >= 0
+
+
+def test_self_join_finds_what_faiss_ivf_finds_from_the_same_probe_fraction():
+    x, a, b = planted_pairs(n=30000, d=64, pairs=400, cos=0.7, seed=3)
+    S, I, info = nearest(x, x, 4, method="ivf", nlist=64, nprobe=8)
+    Sf, If, info_f = nearest(x.copy(), x, 4, method="ivf", nlist=64, nprobe=8)
+    assert info["engine"].startswith("blocked") and info_f["engine"] == "faiss IndexIVFFlat"
+    found = ((I[a] == b[:, None]).any(1) | (I[b] == a[:, None]).any(1)).mean()
+    found_f = ((If[a] == b[:, None]).any(1) | (If[b] == a[:, None]).any(1)).mean()
+    assert found >= 0.97 and abs(found - found_f) <= 0.03, (found, found_f)
+    assert (I[:, 0] == np.arange(len(x))).all()
+    # every neighbour reported carries its float32 cosine, in descending order
+    assert np.allclose(S, np.einsum("nd,nkd->nk", x, x[I]), atol=1e-5)
+    assert (np.diff(S, axis=1) <= 1e-6).all()
