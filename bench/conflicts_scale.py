@@ -9,7 +9,8 @@ num_classes x d array). The measurement runs in its own process and prints the t
 stage (centers pass, index train/add, search, faces check), peak anonymous memory, recall and
 precision on the planted pairs at the default threshold, and the ratio of the wall time to a
 bound measured in the same process at the full size: one sequential read of the feature file
-plus the faiss (or GPU) search alone, both of which any center-based method pays.
+plus the search's matrix products alone (the query-row pairs the search multiplies, exact or
+IVF, at the multiply-add rate of a product of the same kind timed on this device just before).
 
     python bench/conflicts_scale.py --ids 100000            # a check (about a minute here)
     python bench/conflicts_scale.py --ids 2000000 --save conflicts_2M   # on an idle machine
@@ -55,6 +56,25 @@ def make(work, n_ids, dup, d=512, seed=0, block=1 << 14):
     print()
 
 
+def product_rate(device, d=512):
+    """Multiply-adds per second of the search's matrix products on this device: bfloat16 on the CPU
+    (a cell's rows times the rows probing it), fp16 on a GPU (a block of queries times all rows)."""
+    import torch
+    cuda = device.startswith("cuda")
+    a = torch.randn(8192, d, device=device).to(torch.float16 if cuda else torch.bfloat16)
+    b = torch.randn(d, 65536 if cuda else 2048, device=device).to(a.dtype)
+    best = float("inf")
+    for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return a.shape[0] * b.shape[0] * b.shape[1] / best
+
+
 def measure(args):
     import torch
     from plugins.face_nms.conflicts import find_conflicts
@@ -63,6 +83,7 @@ def measure(args):
     labels = np.load(os.path.join(args.work_dir, "labels.npy"))
     planted = {tuple(p) for p in np.load(os.path.join(args.work_dir, "planted.npy")).tolist()}
     read = read_pass(feats)
+    rate = product_rate(args.device, feats.shape[1])
     notes = []
     with AnonPeak() as anon:
         t0 = time.perf_counter()
@@ -73,10 +94,12 @@ def measure(args):
     got = {(a, b) for a, b, _ in res.label_pairs()}
     hits = len(got & planted)
     search = res.timings.get("search_s", 0.0)
+    products = res.search["pairs"] * feats.shape[1] / rate
     print(json.dumps({"faces": int(len(labels)), "identities": int(len(res.ids)), "file_gb": feats.nbytes / 1e9,
                       "device": args.device, "search": res.search, "threshold": res.threshold,
-                      "wall_s": wall, **res.timings, "read_s": read, "bound_s": read + search,
-                      "ratio_to_bound": wall / (read + search), "peak_anon_mb": anon.peak / 2**20,
+                      "wall_s": wall, **res.timings, "read_s": read, "products_s": products,
+                      "multiply_adds_per_s": rate, "bound_s": read + products,
+                      "ratio_to_bound": wall / (read + products), "peak_anon_mb": anon.peak / 2**20,
                       "peak_rss_mb": peak_rss_mb(), "planted": len(planted), "pairs": len(got),
                       "recall": hits / max(1, len(planted)), "precision": hits / max(1, len(got)),
                       "flagged_faces": int(len(res.face_rows)), "notes": notes}))
@@ -92,15 +115,26 @@ def main():
     p.add_argument("--nprobe", type=int, help="IVF cells searched (default: nlist / 8)")
     p.add_argument("--work-dir", help="where the feature file goes (about 3.5 GB per 1M identities)")
     p.add_argument("--save", metavar="NAME", help="save the result as bench/results/NAME.json")
+    p.add_argument("--keep-data", action="store_true", help="leave the generated files in --work-dir")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the files an earlier --keep-data run of the same --ids/--dup left in --work-dir")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         return measure(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="face_nms_conflicts_")
     os.makedirs(work, exist_ok=True)
-    t0 = time.perf_counter()
-    make(work, args.ids, args.dup)
-    print(f"generated in {time.perf_counter() - t0:.0f} s", flush=True)
+    params = {"ids": args.ids, "dup": args.dup}
+    params_path = os.path.join(work, "params.json")
+    if args.reuse:
+        if not os.path.exists(params_path) or json.load(open(params_path)) != params:
+            sys.exit(f"--reuse: {work} holds no data generated with {params}; run once with --keep-data")
+    else:
+        t0 = time.perf_counter()
+        make(work, args.ids, args.dup)
+        with open(params_path, "w") as f:
+            json.dump(params, f)
+        print(f"generated in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, __file__, "--measure", "--work-dir", work, "--device", args.device]
     cmd += ["--method", args.method] if args.method else []
     cmd += ["--nprobe", str(args.nprobe)] if args.nprobe else []
@@ -109,13 +143,14 @@ def main():
         sys.exit(out.returncode)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     text = table(["faces", "identities", "search", "centers s", "train/add s", "search s", "faces s", "wall s",
-                  "read s", "wall/bound", "peak anon MB", "recall", "precision"],
+                  "read s", "products s", "wall/bound", "peak anon MB", "recall", "precision"],
                  [[r["faces"], r["identities"], f"{r['search']['method']} {r['search'].get('nlist', '')}/"
                    f"{r['search'].get('nprobe', '')}", r["centers_s"], r.get("train_add_s", 0), r["search_s"],
-                   r["faces_s"], r["wall_s"], r["read_s"], r["ratio_to_bound"], r["peak_anon_mb"], r["recall"],
+                   r["faces_s"], r["wall_s"], r["read_s"], r["products_s"], r["ratio_to_bound"], r["peak_anon_mb"], r["recall"],
                    r["precision"]]])
-    for name in ("features.npy", "labels.npy", "planted.npy"):
-        os.remove(os.path.join(work, name))
+    if not args.keep_data:
+        for name in ("features.npy", "labels.npy", "planted.npy", "params.json"):
+            os.remove(os.path.join(work, name))
     if args.save:
         save(args.save, {"result": r, "table": text})
 
