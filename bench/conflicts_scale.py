@@ -138,7 +138,15 @@ def main():
     cmd = [sys.executable, __file__, "--measure", "--work-dir", work, "--device", args.device]
     cmd += ["--method", args.method] if args.method else []
     cmd += ["--nprobe", str(args.nprobe)] if args.nprobe else []
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its own process: peak memory is its own
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its own process: peak memory is its own
+    finally:
+        if not args.keep_data:
+            for name in ("features.npy", "labels.npy", "planted.npy", "params.json"):
+                if os.path.exists(os.path.join(work, name)):
+                    os.remove(os.path.join(work, name))
+            if not args.work_dir:
+                os.rmdir(work)
     if out.returncode:
         sys.exit(out.returncode)
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -146,11 +154,8 @@ def main():
                   "read s", "products s", "wall/bound", "peak anon MB", "recall", "precision"],
                  [[r["faces"], r["identities"], f"{r['search']['method']} {r['search'].get('nlist', '')}/"
                    f"{r['search'].get('nprobe', '')}", r["centers_s"], r.get("train_add_s", 0), r["search_s"],
-                   r["faces_s"], r["wall_s"], r["read_s"], r["products_s"], r["ratio_to_bound"], r["peak_anon_mb"], r["recall"],
-                   r["precision"]]])
-    if not args.keep_data:
-        for name in ("features.npy", "labels.npy", "planted.npy", "params.json"):
-            os.remove(os.path.join(work, name))
+                   r["faces_s"], r["wall_s"], r["read_s"], r["products_s"], r["ratio_to_bound"], r["peak_anon_mb"],
+                   r["recall"], r["precision"]]])
     if args.save:
         save(args.save, {"result": r, "table": text})
 

@@ -390,14 +390,15 @@ def test_demo_work_dir(capsys, tmp_path):
 
 
 def test_help_shows_every_default(capsys):
-    for command in ("stats", "proxy-subset", "extract", "select", "demo"):
+    for command in ("stats", "proxy-subset", "extract", "select", "gallery", "conflicts", "overlap", "demo"):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         for option in {"proxy-subset": ["--seed"], "select": ["--seed", "--method", "--order", "--chunk-rows"],
                        "extract": ["--embedding-size", "--batch-size", "--chunk-rows"],
-                       "demo": ["--ratio"]}.get(command, []):
+                       "gallery": ["--gallery-ids", "--seed"], "conflicts": ["--drop-mode", "--k", "--chunk-rows"],
+                       "overlap": ["--embedding-size", "--batch-size"], "demo": ["--ratio"]}.get(command, []):
             part = text.split(option + " ", 2)[-1].split(" --")[0]
             assert "(default:" in part, (command, option, part)
 

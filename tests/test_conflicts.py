@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from plugins.face_nms import find_identity_conflicts
-from plugins.face_nms.__main__ import main
 from plugins.face_nms.conflicts import find_conflicts
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.extract import TorchModel, extract_features
@@ -78,11 +77,11 @@ def test_faces_nearer_another_center_are_flagged():
     feats = feats.astype(np.float32)
     # one face of identity 0 replaced by a face of its nearest other identity's center
     res0 = find_conflicts(feats, labels, faces=True)
-    assert all(labels[r] in {y for p in truth for y in p} for r in res0.face_rows[:0])
+    split = {y for p in truth for y in p}
+    assert 7 not in split and 7 not in {int(labels[r]) for r in res0.face_rows}
     ids = res0.ids
     row = int(np.flatnonzero(labels == 7)[0])
     pos7 = int(np.searchsorted(ids, 7))
-    other = None
     from plugins.face_nms.centers import identity_centers
     _, C, _ = identity_centers(feats, labels)
     sims = C @ C[pos7]
@@ -94,7 +93,6 @@ def test_faces_nearer_another_center_are_flagged():
     assert int(res.ids[res.face_other[i]]) == int(ids[other])
     assert res.face_other_cos[i] > res.face_own_cos[i]
     # faces of distinct, unsplit identities are not flagged
-    split = {y for p in truth for y in p}
     assert {int(labels[r]) for r in res.face_rows} <= split | {7}
 
 
@@ -145,6 +143,11 @@ def test_cli_writes_json_csv_and_drop_index(ds, capsys, tmp_path, mode):
         flagged = {int(f["key"]) for f in faces}
         assert set(keys.tolist()) == set(rec_keys.tolist()) - flagged
     assert info["drop"]["kept_faces"] == len(keys)
+    # its summary lets the training filter check it against the dataset
+    from plugins.face_nms.filter import check_index_dataset
+    summary = json.load(open(tmp_path / "clean.json"))
+    assert summary["kept"] == len(keys) and summary["dataset"]["label_sample"]["keys"]
+    check_index_dataset(str(drop), ds["rec"], keys)
     assert dict(zip(rec_keys.tolist(), rec_offsets.tolist())) | dict(zip(keys.tolist(), offsets.tolist())) == \
         dict(zip(rec_keys.tolist(), rec_offsets.tolist()))
 
@@ -168,6 +171,9 @@ def test_cli_bad_inputs_are_one_line(ds, capsys, tmp_path):
     one_line(*cli(conflicts(ds, os.path.join(ds["feats"], "meta.json")), capsys), 2, "meta.json", "replace an input")
     one_line(*cli(conflicts(ds, out, "--drop", os.path.join(ds["rec"], "train.idx")), capsys), 2, "train.idx")
     one_line(*cli(conflicts(ds, out, "--drop", str(tmp_path / "c_pairs.csv")), capsys), 2, "--drop", "c_pairs.csv")
+    one_line(*cli(conflicts(ds, out, "--drop", str(tmp_path / "d.json")), capsys), 2, "--drop", "name the index .idx")
+    one_line(*cli(conflicts(ds, out, "--drop", str(tmp_path / "c.idx")), capsys), 2, "--drop", "c.json",
+             "an output of --out")
     one_line(*cli(conflicts(ds, tmp_path / "c.txt"), capsys), 2, "--out", ".json")
     one_line(*cli(conflicts(ds, tmp_path / "no" / "c.json"), capsys), 1, "does not exist")
     one_line(*cli(conflicts(ds, out, "--centers", ds["centers"] + ".missing"), capsys), 1, "--centers", "not found")

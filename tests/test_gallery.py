@@ -5,11 +5,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from test_cli import cli, one_line
+from test_outputs import _write_in_child
 
 from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
@@ -63,8 +63,21 @@ def truth(data, index):
     return keys, full.labels, X, np.isin(keys, read_idx(index)[0])
 
 
-def check_page(data, index, page, ids, threshold):
+def ranks(X, labels):
+    """Rank position of every row within its identity, as select's hard-first ranking orders them."""
+    from plugins.face_nms.nms import Ranker
+    pos = np.zeros(len(labels), np.int64)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        _, ranked = Ranker("hard-first", device="cpu").rank(X[rows][None], rows[None], np.array([label]),
+                                                            pairwise=False)
+        pos[ranked[0].numpy()] = np.arange(len(rows))
+    return pos
+
+
+def check_page(data, index, page, ids, threshold, ranked=False):
     keys, labels, X, kept = truth(data, index)
+    pos = ranks(X, labels)
     row = {int(k): i for i, k in enumerate(keys)}
     sections, hist = parse(page)
     assert sorted(sections) == sorted(lab for lab, _ in pick_identities(labels, kept, ids))
@@ -84,7 +97,11 @@ def check_page(data, index, page, ids, threshold):
             assert labels[s] == label and kept[s]
             cos = X[d] @ X[s]
             assert abs(float(p["cosine"]) - cos) < 1e-5, (p, cos)
-            assert cos >= (X[k_rows] @ X[d]).max() - 1e-6  # the nearest kept face
+            if ranked:  # the most similar kept face ranked before the dropped one
+                before = k_rows[pos[k_rows] < pos[d]]
+                assert pos[s] < pos[d] and cos >= (X[before] @ X[d]).max() - 1e-6
+            else:  # the nearest kept face
+                assert cos >= (X[k_rows] @ X[d]).max() - 1e-6
             if threshold is not None:
                 assert float(p["cosine"]) > threshold
     # a small dataset: the histogram takes every dropped face
@@ -95,7 +112,7 @@ def check_page(data, index, page, ids, threshold):
     # self-contained: images are data: URIs, nothing is fetched
     assert re.findall(r"<img [^>]*src='([^:']*):", page) and set(re.findall(r"<img [^>]*src='([^:']*):", page)) \
         == {"data"}
-    assert "<script" not in page and "<link" not in page and "http" not in page.replace("http-equiv", "")
+    assert "<script" not in page and "<link" not in page and not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page)
     return sections
 
 
@@ -103,16 +120,21 @@ def test_select_writes_the_page_with_counts_and_suppressor_cosines(data):
     info = json.load(open(os.path.splitext(data["sel"])[0] + ".json"))
     page = open(os.path.splitext(data["sel"])[0] + ".html").read()
     assert info["method"] == "nms"
-    sections = check_page(data, data["sel"], page, 7, info["threshold"])
+    sections = check_page(data, data["sel"], page, 7, info["threshold"], ranked=True)
     assert any(int(a["dropped"]) for a, *_ in sections.values())
     assert f"{info['kept']}" in page and "hard-first" in page
     # the suppressor's cosine of every dropped face is above the threshold (what NMS acted on)
     keys, labels, X, kept = truth(data, data["sel"])
     feats = np.load(os.path.join(data["feats"], "features.npy"), mmap_mode="r")
-    sup = find_suppressors(feats, labels, kept, np.unique(labels))
+    from plugins.face_nms.nms import Ranker
+    sup = find_suppressors(feats, labels, kept, np.unique(labels), ranker=Ranker("hard-first", device="cpu"))
     assert np.array_equal(sup.rows, np.flatnonzero(~kept))
     assert np.all(sup.cosine > info["threshold"]) and np.all(kept[sup.suppressor])
     assert sup.cosine.dtype == np.float32
+    pos = ranks(X, labels)
+    assert np.all(pos[sup.suppressor] < pos[sup.rows])
+    nearest = find_suppressors(feats, labels, kept, np.unique(labels))
+    assert np.all(nearest.cosine >= sup.cosine)
 
 
 def test_gallery_command_on_a_proxy_subset_and_on_a_selection(data, capsys, tmp_path):
@@ -168,30 +190,6 @@ def test_large_dataset_histogram_takes_a_bounded_sample_read_in_row_order(data):
 
 
 # ---- bad inputs: one line, exit 1 (files) or 2 (command line) ----
-
-def cli(argv, capsys):
-    capsys.readouterr()
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            status = 1
-        else:
-            status = exc.code or 0
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return status, err.strip().splitlines()
-
-
-def one_line(status, lines, want, *words):
-    assert status == want, lines
-    assert len(lines) == 1, lines
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
 
 def gallery(data, out, index=None, *extra):
     return ["gallery", "--rec", data["rec"], "--features", data["feats"], "--index", index or data["proxy"],
@@ -250,30 +248,6 @@ def test_select_page_naming_an_input_is_refused(data, capsys, tmp_path):
 
 # ---- the page written with its set ----
 
-def _write_in_child(tmp_path, kill_at_replace, threshold):
-    code = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {ROOT!r})
-        import numpy as np
-        from plugins.face_nms.report import write_selection
-        from plugins.face_nms.select import Selection
-        calls = [0]
-        real = os.replace
-        def replace(a, b):
-            calls[0] += 1
-            if calls[0] == {kill_at_replace}:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(a, b)
-        os.replace = replace
-        def page(path, info, plots):
-            open(path, "w").write(str(info["threshold"]))
-        sel = Selection(keep=np.arange(20), threshold={threshold}, total=50, nn_cos=np.full(20, 0.3, np.float32))
-        write_selection({str(tmp_path / "sel.idx")!r}, np.arange(20), np.arange(20) * 100, sel,
-                        np.repeat(np.arange(10), 5), page=page)
-    """)
-    return subprocess.run([sys.executable, "-c", code]).returncode
-
-
 def test_page_is_replaced_with_the_rest_of_the_set(tmp_path):
     from plugins.face_nms.files import finish_interrupted_set, remove_stale_temporaries
     from plugins.face_nms.report import write_selection
@@ -285,7 +259,7 @@ def test_page_is_replaced_with_the_rest_of_the_set(tmp_path):
         sel = Selection(keep=np.arange(30), threshold=0.5, total=50, nn_cos=np.full(30, 0.3, np.float32))
         write_selection(str(tmp_path / "sel.idx"), np.arange(30), np.arange(30) * 100, sel,
                         np.repeat(np.arange(10), 5), page=lambda p, info, plots: open(p, "w").write("0.5"))
-        rc = _write_in_child(tmp_path, kill_at, 0.25)
+        rc = _write_in_child(tmp_path, kill_at, 0.25, page=True)
         finish_interrupted_set(str(tmp_path / "sel.idx"))
         for name in names:
             remove_stale_temporaries(str(tmp_path / name))
@@ -377,3 +351,27 @@ def test_thumbnails_render_in_a_headless_browser(data, tmp_path):
     assert compared >= 5
     # and the page is not blank: most of the thumbnails' area is far from the white background
     assert (screen.min(axis=2) < 200).mean() > 0.05
+
+
+def test_the_suppressor_is_the_kept_face_ranked_before_not_merely_the_nearest():
+    from plugins.face_nms.nms import Ranker
+    from plugins.face_nms.select import select_core_set
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((40, 32))
+    labels = np.repeat(np.arange(40), 20)
+    X = centers[labels] + 0.9 * rng.standard_normal((800, 32))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    sel = select_core_set(X, labels, ratio=0.5, device="cpu")
+    kept = np.zeros(len(X), bool)
+    kept[sel.keep] = True
+    sup = find_suppressors(X, labels, kept, np.arange(40), ranker=Ranker("hard-first", device="cpu"))
+    near = find_suppressors(X, labels, kept, np.arange(40))
+    X64 = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+    pos = ranks(X64, labels)
+    for d, s, c in zip(sup.rows, sup.suppressor, sup.cosine):
+        before = np.flatnonzero((labels == labels[d]) & kept & (pos < pos[d]))
+        assert s in before and abs(c - (X64[before] @ X64[d]).max()) < 1e-5
+    # greedy NMS dropped each face for a kept face ranked before it, closer than T
+    assert np.all(sup.cosine > sel.threshold)
+    # the nearest kept face is sometimes ranked after the dropped face: it did not suppress it
+    assert (near.suppressor != sup.suppressor).any() and np.all(near.cosine >= sup.cosine)

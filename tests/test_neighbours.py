@@ -78,3 +78,16 @@ def test_blocked_ivf_finds_what_faiss_ivf_finds_with_the_same_probe_fraction(sel
     # every neighbour reported carries its float32 cosine, in descending order
     assert np.allclose(S, np.einsum("nd,nkd->nk", queries, x[I]), atol=1e-5)
     assert (np.diff(S, axis=1) <= 1e-6).all()
+
+
+def test_large_exact_search_on_the_cpu_is_blocked_and_matches_faiss(monkeypatch):
+    import plugins.face_nms.neighbours as nb
+    x, a, b = planted_pairs(n=20000, d=64, pairs=200, cos=0.6, seed=5)
+    q = x[:3000].copy()
+    S_flat, I_flat, info_flat = nearest(q, x, 5, method="exact")
+    monkeypatch.setattr(nb, "EXACT_PAIRS", 1000)
+    S, I, info = nearest(q, x, 5, method="exact")
+    assert info_flat["engine"] == "faiss IndexFlatIP" and info["engine"] == "blocked bfloat16 products"
+    # bfloat16 only picks candidates: the neighbours and their float32 cosines are the flat index's
+    assert (I == I_flat).mean() > 0.999 and np.abs(S - S_flat).max() < 1e-5
+    assert (I[:, 0] == np.arange(3000)).all()

@@ -19,8 +19,9 @@ def _selection(n=50, kept=30, threshold=0.5):
     return sel, labels
 
 
-def _write_in_child(tmp_path, kill_at_replace, threshold):
-    """Writes a selection set in a child process that SIGKILLs itself at its n-th os.replace."""
+def _write_in_child(tmp_path, kill_at_replace, threshold, page=False):
+    """Writes a selection set in a child process that SIGKILLs itself at its n-th os.replace; with
+    ``page``, a page holding the threshold joins the set."""
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {ROOT!r})
@@ -35,9 +36,11 @@ def _write_in_child(tmp_path, kill_at_replace, threshold):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(a, b)
         os.replace = replace
+        def page(path, info, plots):
+            open(path, "w").write(str(info["threshold"]))
         sel = Selection(keep=np.arange(20), threshold={threshold}, total=50, nn_cos=np.full(20, 0.3, np.float32))
         write_selection({str(tmp_path / "sel.idx")!r}, np.arange(20), np.arange(20) * 100, sel,
-                        np.repeat(np.arange(10), 5))
+                        np.repeat(np.arange(10), 5), page={"page" if page else "None"})
     """)
     return subprocess.run([sys.executable, "-c", code]).returncode
 

@@ -2,15 +2,14 @@
 import json
 import os
 import pickle
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from test_cli import cli
 
 from plugins.face_nms import find_overlap
-from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.eval_bin import decode, read_bin
 from plugins.face_nms.extract import OnnxModel, extract_features, load_features
@@ -96,23 +95,6 @@ def world(tmp_path_factory):
                            planted=set(range(PLANTED + 1)))
 
 
-def cli(argv, capsys):
-    """(exit status, stderr lines) of ``main(argv)``, never a traceback."""
-    capsys.readouterr()
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            status = 1
-        else:
-            status = exc.code or 0
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return status, err.strip().splitlines()
-
-
 def overlap(w, *extra, bins=None):
     argv = ["overlap", "--features", w.feats, "--rec", w.rec, "--onnx", w.onnx, "--device", "cpu"]
     for b in bins or [w.lfw, w.agedb]:
@@ -165,6 +147,16 @@ def test_exclusion_index_is_accepted_by_the_training_filter(world, tmp_path, cap
     assert json.load(open(tmp_path / "clean.json"))["dataset"]["label_sample"]["keys"]
     status, err = cli(["stats", "--rec", world.rec, "--index", idx], capsys)
     assert status == 0
+    # the same file named two ways (./clean.json): still one summary, holding the label sample
+    os.remove(tmp_path / "clean.json")
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        status, err = cli(overlap(world, "--out", "./clean.json", "--exclude", "clean.idx"), capsys)
+    finally:
+        os.chdir(here)
+    assert status == 0, err
+    assert json.load(open(tmp_path / "clean.json"))["dataset"]["label_sample"]["keys"]
 
 
 def test_find_overlap_api_matches_the_cli(world, tmp_path, capsys):
@@ -333,7 +325,8 @@ def test_model_other_than_the_features_is_refused(world, tmp_path, capsys):
     ("out-is-bin", 2, ["--out", "lfw.bin is the evaluation set", "choose another --out"]),
     ("out-is-meta", 2, ["meta.json is the features' meta.json"]),
     ("exclude-is-train-idx", 2, ["--exclude", "the dataset's train.idx"]),
-    ("exclude-is-out", 2, ["is --out; name the report .json and the index .idx"]),
+    ("exclude-is-out", 2, ["--exclude", "o.json: name the index .idx (its summary <stem>.json goes beside it)"]),
+    ("exclude-is-json", 2, ["--exclude", "x.json: name the index .idx"]),
     ("missing-folder", 1, ["does not exist; create it first"]),
     ("missing-bin", 1, ["--bin", "nope.bin not found: check the path"]),
     ("missing-onnx", 1, ["--onnx", "nope.onnx not found"]),
@@ -354,6 +347,7 @@ def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_wa
         "out-is-meta": overlap(world, "--out", os.path.join(world.feats, "meta.json")),
         "exclude-is-train-idx": overlap(world, "--out", out, "--exclude", os.path.join(world.rec, "train.idx")),
         "exclude-is-out": overlap(world, "--out", out, "--exclude", out),
+        "exclude-is-json": overlap(world, "--out", out, "--exclude", str(tmp_path / "x.json")),
         "missing-folder": overlap(world, "--out", str(tmp_path / "no" / "o.json")),
         "missing-bin": overlap(world, "--out", out, bins=[str(tmp_path / "nope.bin")]),
         "missing-onnx": [a if a != world.onnx else str(tmp_path / "nope.onnx") for a in overlap(world, "--out", out)],

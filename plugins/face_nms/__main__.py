@@ -75,19 +75,13 @@ def cmd_proxy_subset(args):
 def cmd_extract(args):
     guards.check_extract(args)
     import torch
-    from .extract import OnnxModel, extract_features, load_checkpoint_model
+    from .extract import extract_features, load_model
     device = args.device
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    if args.onnx:
-        model = OnnxModel(args.onnx, device)
-    else:
-        insightface = os.environ.get("INSIGHTFACE_DIR")
-        if insightface:
-            sys.path.insert(0, os.path.join(insightface, "recognition", "arcface_torch"))
-        model = load_checkpoint_model(args.network, args.checkpoint, device, args.embedding_size, not args.fp32)
+    model = load_model(args.checkpoint, args.network, args.embedding_size, args.onnx, device, not args.fp32)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     done = extract_features(args.rec, args.out, model, batch_size=args.batch_size, workers=args.workers,
                             flip=args.flip, chunk_rows=args.chunk_rows, max_chunks=args.max_chunks,
@@ -133,7 +127,8 @@ def cmd_select(args):
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
-                            seed=args.seed)
+                            seed=args.seed, centers=centers,
+                            log=lambda line: print(f"face_nms select: {line}", file=sys.stderr))
     with guards.writing(f"{args.out} or the summary, plots and page beside it"):
         info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
                                dataset=meta.get("provenance", {}).get("dataset"), page=page)
@@ -321,6 +316,11 @@ def main(argv=None):
         p.exit(2, f"{name}: error: {guards.describe(exc)}\n")
     except KeyboardInterrupt:
         p.exit(130, "interrupted\n")
+    except ImportError as exc:
+        sys.exit(f"{name}: error: {exc}; install the plugin's requirements (./install.sh --deps-only)")
+    except RuntimeError as exc:
+        # torch (CUDA out of memory, a device error) and faiss report theirs as RuntimeError
+        sys.exit(f"{name}: error: {guards.describe(exc)}")
     except (ValueError, OSError, FloatingPointError, MemoryError) as exc:
         # RecordIOError is a ValueError
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:

@@ -27,6 +27,7 @@ from .neighbours import nearest
 
 Z = 6.0         # outlier rule of the default threshold, in robust standard deviations
 NEIGHBOURS = 8  # k: other centers kept per center (pairs and the faces check)
+JSON_ROWS = 1000  # rows of each table listed in the JSON summary (the CSV files hold all)
 
 
 @dataclass
@@ -54,7 +55,8 @@ def default_threshold(nearest_other, z=Z):
     """T = median(s) + z * 1.4826 * MAD(s), at most 1, over the nearest-other-center cosines s."""
     s = np.asarray(nearest_other, np.float64)
     med = float(np.median(s))
-    sigma = 1.4826 * float(np.median(np.abs(s - med)))
+    # a floor for sets too small or too uniform to have a spread (MAD 0 would pair half the identities)
+    sigma = max(1.4826 * float(np.median(np.abs(s - med))), 1e-3)
     t = min(1.0, med + z * sigma)
     return t, {"rule": f"median + {z:g} * 1.4826 * MAD of each center's nearest-other-center cosine",
                "median": med, "robust_sigma": sigma, "z": z}
@@ -189,8 +191,11 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
     feature row), as one set. Returns the summary."""
     import csv
     import json
+    import os
+
     from .files import output_set
     from .recordio_index import write_idx
+    from .report import index_summary
     labels = np.asarray(labels, np.int64)
     keys = np.asarray(keys, np.int64)
     la, lb = res.ids[res.pairs[:, 0]], res.ids[res.pairs[:, 1]]
@@ -210,7 +215,7 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         "nearest_other_cosine_quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.99", "0.999")},
         "timings_s": {name: round(v, 3) for name, v in res.timings.items()},
     })
-    paths = conflict_outputs(out) + ([drop] if drop else [])
+    paths = conflict_outputs(out) + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
     with output_set(paths) as tmps:
         if drop:
             gone = dropped_rows(res, labels, drop_mode)
@@ -219,8 +224,16 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
             info["drop"] = {"index": drop, "mode": drop_mode, "dropped_faces": int(len(gone)),
                             "kept_faces": int(len(keep)),
                             "dropped_identities": int(len(np.setdiff1d(labels[gone], labels[keep])))}
-        info["pairs_list"] = pairs
-        info["flagged_faces_list"] = faces
+            mask = np.zeros(len(labels), bool)
+            mask[keep] = True
+            # the summary the training filter checks the index against config.rec with
+            with open(tmps[4], "w") as f:
+                json.dump(index_summary(labels, mask, keys, info.get("dataset"), method=f"conflicts drop ({drop_mode})",
+                                        conflicts_report=os.path.abspath(out), **info["drop"]), f, indent=1)
+        # the JSON lists the first rows (most similar first); the CSV tables hold them all
+        info["pairs_list"] = pairs[:JSON_ROWS]
+        info["flagged_faces_list"] = faces[:JSON_ROWS]
+        info["listed_rows"] = f"at most {JSON_ROWS} of each table; every row is in the CSV files"
         with open(tmps[0], "w") as f:
             json.dump(info, f, indent=1)
         for path, table in ((tmps[1], pairs), (tmps[2], faces)):

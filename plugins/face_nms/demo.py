@@ -111,6 +111,7 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     """Generates the set, extracts, selects at ``ratio`` and prints what was kept."""
     from .conflicts import find_identity_conflicts
     from .extract import TorchModel, extract_features, load_features
+    from .gallery import selection_writer
     from .recordio_index import image_records
     from .report import write_selection
     from .select import select_core_set
@@ -133,7 +134,8 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     sel = select_core_set(feats, flabels, ratio=ratio)
     _, rec_keys, rec_offsets = image_records(rec_dir)
     idx_path = os.path.join(work_dir, f"train_facenms{int(round(ratio * 100))}.idx")
-    write_selection(idx_path, rec_keys[sel.keep], rec_offsets[sel.keep], sel, flabels)
+    page = selection_writer(rec_dir, feats, flabels, rec_keys, rec_offsets, sel, idx_path, seed=seed)
+    write_selection(idx_path, rec_keys[sel.keep], rec_offsets[sel.keep], sel, flabels, page=page)
     kept_keys = set(fkeys[sel.keep].tolist())
     is_burst = dict(zip(keys.tolist(), burst.tolist()))
     lab_of = dict(zip(keys.tolist(), labels.tolist()))
@@ -151,5 +153,6 @@ def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     planted = [c for a, b, c in found if (a, b) == (dup, n_ids)]
     out(f"conflicts: {len(found)} pair(s) at the default threshold; the planted duplicate ({dup}, {n_ids}) is "
         + (f"found at cosine {planted[0]:.4f}" if planted else "NOT found"))
-    out(f"filtered index: {idx_path} (+ .json summary and .png plots); {time.time() - t0:.1f} s")
+    out(f"filtered index: {idx_path} (+ .json summary, .png plots and the .html page: open it in a browser); "
+        f"{time.time() - t0:.1f} s")
     return sel, idx_path

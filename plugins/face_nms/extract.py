@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -210,7 +211,7 @@ class OnnxModel:
             raise ValueError(f"{path} is not a recognition model insightface's model_zoo can load; pass an "
                              f"insightface recognition model (.onnx)")
         self.name = os.path.basename(path)
-        self.origin = {"onnx_sha256": digest}
+        self.origin = model_origin(onnx=path, digest=digest)
 
     def provenance(self):
         return dict(self.origin)
@@ -287,8 +288,27 @@ def load_checkpoint_model(network, checkpoint, device, embedding_size=512, fp16=
     module.load_state_dict(state)
     model = TorchModel(module, device, fp16)
     model.name = f"{network}:{os.path.abspath(checkpoint)}"
-    model.origin = {"checkpoint_sha256": digest, "network": network, "embedding_size": int(embedding_size)}
+    model.origin = model_origin(checkpoint, network, embedding_size, digest=digest)
     return model
+
+
+def model_origin(checkpoint=None, network=None, embedding_size=512, onnx=None, digest=None):
+    """The provenance recorded for a model file (meta.json: provenance.model): the file's sha256,
+    with the network and embedding size of a checkpoint."""
+    if onnx:
+        return {"onnx_sha256": digest or file_sha256(onnx, "ONNX model")}
+    return {"checkpoint_sha256": digest or file_sha256(checkpoint, "checkpoint"), "network": network,
+            "embedding_size": int(embedding_size)}
+
+
+def load_model(checkpoint, network, embedding_size, onnx, device, fp16=True):
+    """The ONNX model, or the checkpoint on the host's backbones (found through INSIGHTFACE_DIR when set)."""
+    if onnx:
+        return OnnxModel(onnx, device)
+    insightface = os.environ.get("INSIGHTFACE_DIR")
+    if insightface:
+        sys.path.insert(0, os.path.join(insightface, "recognition", "arcface_torch"))
+    return load_checkpoint_model(network, checkpoint, device, embedding_size, fp16)
 
 
 def _dist():

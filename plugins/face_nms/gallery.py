@@ -67,7 +67,7 @@ def pick_identities(labels, kept, n):
 
 
 def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None, numbers=(), plots=(),
-               ids=GALLERY_IDS, seed=0, max_rows=HIST_ROWS, title="Face-NMS selection"):
+               ids=GALLERY_IDS, seed=0, max_rows=HIST_ROWS, title="Face-NMS selection", ranker=None):
     """The page's HTML.
 
     Args:
@@ -77,13 +77,17 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
         numbers: (name, value) pairs of the run; plots: (caption, PNG bytes) pairs.
         ids: identities shown (0: none); seed: of the histogram's identity sample, when one is needed.
         max_rows: rows read for the histogram, at most.
+        ranker: the selection's :class:`.nms.Ranker`: suppressors among the kept faces ranked before
+            the dropped one (None: the nearest kept face).
     """
     labels = np.asarray(labels, np.int64)
     source = getattr(features, "filename", None) or "features"
     hist_ids, with_dropped = histogram_identities(labels, kept, max_rows, seed)
     shown = pick_identities(labels, kept, ids)
     wanted = np.union1d(hist_ids, np.array([lab for lab, _ in shown], np.int64))
-    sup = find_suppressors(features, labels, kept, wanted, source)
+    sup = find_suppressors(features, labels, kept, wanted, source, ranker)
+    who = ("the most similar kept face ranked before it" if ranker is not None
+           else "the nearest kept face of its identity")
     in_hist = np.isin(labels[sup.rows], hist_ids)
     cos = sup.cosine[in_hist]
     cos = cos[np.isfinite(cos)]
@@ -92,7 +96,7 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
     else:
         scope = (f"the {len(cos):,} dropped faces of a random sample of {len(hist_ids):,} of the {with_dropped:,} "
                  f"identities with dropped faces (at most {max_rows:,} faces read)")
-    caption = f"cosine of each dropped face to its suppressor, the nearest kept face of its identity: {scope}"
+    caption = f"cosine of each dropped face to its suppressor, {who}: {scope}"
     hist = _histogram_png(cos, threshold)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>",
@@ -107,12 +111,12 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
                  f"data-identities-with-dropped='{with_dropped}'{t}><img src='{_uri(hist, 'png')}' "
                  f"alt='suppressor cosine histogram'><figcaption>{_e(caption)}</figcaption></figure></div>")
     if shown:
-        parts.append(_identities(rec_dir, labels, keys, offsets, kept, shown, sup))
+        parts.append(_identities(rec_dir, labels, keys, offsets, kept, shown, sup, who))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _identities(rec_dir, labels, keys, offsets, kept, shown, sup):
+def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
     from .extract import RecordImages
     from .recordio_index import rec_paths
     rec, _ = rec_paths(rec_dir)
@@ -134,8 +138,7 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup):
                 f"alt='key {int(keys[row])}' title='{role} face, record key {int(keys[row])}'>")
 
     out = ["<h2>Identities</h2><p class='legend'>Per identity: its kept faces (record keys below), then each "
-           "dropped face (red frame, closest first) beside its suppressor, the nearest kept face of the identity, "
-           "and their cosine.</p>"]
+           f"dropped face (red frame, closest first) beside its suppressor, {_e(who)}, and their cosine.</p>"]
     for label, why, n, k, d, k_shown, d_shown, s_shown, c_shown in blocks:
         out.append(f"<section class='identity' id='identity-{label}' data-label='{label}' data-faces='{n}' "
                    f"data-kept='{len(k)}' data-dropped='{len(d)}'><h3>identity {label} <span class='why'>"
@@ -240,10 +243,33 @@ def summary_numbers(info):
     return list(info.items())
 
 
-def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=GALLERY_IDS, seed=0):
+def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=GALLERY_IDS, seed=0, centers=None,
+                     log=None):
     """``write(path, info, png_paths)`` for :func:`.report.write_selection`: the page of the selection
-    written to the index ``out``."""
+    written to the index ``out``. Suppressors follow the selection's ranking (its order, ``centers``
+    and ``seed``). A page that cannot be built (an unreadable record, say) costs the selection
+    nothing: the page then holds the numbers and the reason, and ``log`` says so."""
+    from .nms import Ranker
+    ranker = Ranker(sel.order, centers, seed, device="cpu") if sel.method in ("nms", "local") else None
+
     def write(path, info, png_paths):
+        try:
+            page = _selection_page(path, info, png_paths)
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
+            from .guards import describe
+            reason = describe(exc)
+            if log:
+                log(f"the page {os.path.splitext(out)[0]}.html shows no faces: {reason}; the selection is "
+                    f"written; build the page again with python -m plugins.face_nms gallery")
+            page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(os.path.basename(out))}</title>"
+                    f"</head><body><h1>Face-NMS selection: {_e(os.path.basename(out))}</h1><p id='no-faces'>"
+                    f"No faces shown: {_e(reason)}</p><table class='numbers'>"
+                    + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>" for k, v in summary_numbers(info))
+                    + "</table></body></html>")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+
+    def _selection_page(path, info, png_paths):
         kept = np.zeros(len(labels), bool)
         kept[sel.keep] = True
         plots = []
@@ -252,11 +278,10 @@ def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=
             with open(p, "rb") as f:
                 plots.append((cap, f.read()))
         threshold = sel.threshold if sel.method in ("nms", "local") else None
-        page = build_page(rec_dir, features, labels, keys, offsets, kept, threshold=threshold,
+        return build_page(rec_dir, features, labels, keys, offsets, kept, threshold=threshold,
                           numbers=[("dataset folder", os.path.abspath(rec_dir))] + summary_numbers(info),
-                          plots=plots, ids=ids, seed=seed, title=f"Face-NMS selection: {os.path.basename(out)}")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(page)
+                          plots=plots, ids=ids, seed=seed, title=f"Face-NMS selection: {os.path.basename(out)}",
+                          ranker=ranker)
     return write
 
 

@@ -350,18 +350,22 @@ def check_conflicts(args):
     check_device(args.device)
     rec_folder(args.rec)
     feature_folder(args.features)
-    outputs = conflict_outputs(args.out) + ([args.drop] if args.drop else [])
+    drop_summary = os.path.splitext(args.drop)[0] + ".json" if args.drop else None
+    outputs = conflict_outputs(args.out) + ([args.drop, drop_summary] if args.drop else [])
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
-    refuse_replacing(outputs, inputs)
+    refuse_replacing(outputs[:3], inputs)
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     if args.drop:
-        refuse_replacing([args.drop], [(p, "an output of --out") for p in outputs[:3]], "--drop")
+        refuse_replacing(outputs[3:], inputs, "--drop")
+        if args.drop.endswith(".json"):
+            raise UsageError(f"--drop {args.drop}: name the index .idx (its summary <stem>.json goes beside it)")
+        refuse_replacing(outputs[3:], [(p, "an output of --out") for p in outputs[:3]], "--drop")
     for path in outputs:
         writable_file(path, "--drop" if path == args.drop else "--out" if path == args.out else
-                      f"--out {args.out}: output")
+                      f"--drop {args.drop}: summary" if path == drop_summary else f"--out {args.out}: output")
     check_feature_folder(args.features)
     return load_centers(args.centers) if args.centers else None
 
@@ -385,8 +389,9 @@ def check_overlap(args):
         inputs.append((path, f"the evaluation set {path}"))
     outputs = [args.out]
     if args.exclude:
-        if same_file(args.exclude, args.out):
-            raise UsageError(f"--exclude {args.exclude} is --out; name the report .json and the index .idx")
+        if same_file(args.exclude, args.out) or args.exclude.endswith(".json"):
+            raise UsageError(f"--exclude {args.exclude}: name the index .idx (its summary <stem>.json goes beside it) "
+                             f"and the report --out .json")
         outputs += [args.exclude, os.path.splitext(args.exclude)[0] + ".json"]
     refuse_replacing(outputs[:1], inputs)
     if args.exclude:

@@ -1,18 +1,20 @@
 """k nearest neighbours by cosine between sets of unit vectors (identity centers, faces).
 
-On the CPU: an exact flat faiss index while queries x base is small, else an inverted file
-(IVF: k-means cells of the base trained with faiss, each query searched in the ``nprobe`` cells
-whose centroids are nearest to it: the cells and probe lists of faiss's IndexIVFFlat). On a CUDA
-device, exact search by blocked matrix products in torch (fp16 products, the candidates
-re-scored in float32).
+Exact search: on the CPU a flat faiss index (float32 products) while queries x base is small
+(``EXACT_PAIRS``), blocked bfloat16 products in torch beyond; on a CUDA device blocked fp16
+products; the candidates of half-precision products are re-scored in float32. Approximate
+search (``method="ivf"``, the CPU default beyond ``EXACT_PAIRS``): an inverted file, k-means
+cells of the base trained with faiss, each query searched in the ``nprobe`` cells whose
+centroids are nearest to it (the cells and probe lists of faiss's IndexIVFFlat).
 
 The IVF search runs cell by cell rather than query by query: the queries probing a cell are
 multiplied by that cell's rows in one matrix product (bfloat16, the final candidates re-scored
 in float32), so the probed rows stay in cache instead of being read from memory once per
 query as IndexIVFFlat's scan reads them. Same candidates, same recall: 200k random 512-d rows
-searched against themselves took 180 s in IndexIVFFlat and 29 s here on 2 cores.
+searched against themselves took 201.5 s in IndexIVFFlat and 27.0 s here on 2 cores
+(bench/ivf_search.py).
 
-IVF defaults: nlist = 2^round(log2(sqrt(n))) cells (16 .. 16384), trained on 64 nlist rows
+IVF defaults: nlist = 2^round(log2(sqrt(n))) cells (16 .. 16384), trained on up to 256 nlist rows
 (faiss warns below 39), nprobe = nlist / 8. Identity centers of a trained model spread nearly
 uniformly on the sphere, where cells follow no cluster structure and recall depends on the
 probed fraction nprobe / nlist more than on nlist. On 200k and 500k random 512-d unit vectors
@@ -72,12 +74,15 @@ def nearest(queries, base, k, *, device="cpu", method=None, nlist=None, nprobe=N
         nlist = int(nlist or min(16384, max(16, 2 ** round(math.log2(math.sqrt(len(base)))))))
         nlist = min(nlist, len(base))
         nprobe = min(nlist, int(nprobe or max(1, nlist // 8)))
-    if method == "ivf":
         S, I, timing = _ivf_join(queries, base, k, nlist, nprobe, seed, progress, self_join=self_join)
         return S, I, {"method": "ivf", "device": "cpu", "nlist": nlist, "nprobe": nprobe,
                       "engine": "blocked IVF (bfloat16 products)", **timing}
+    if len(queries) * len(base) > EXACT_PAIRS:
+        S, I = _torch_exact(queries, base, k, "cpu", block, progress)
+        return S, I, {"method": "exact", "device": "cpu", "engine": "blocked bfloat16 products",
+                      "train_add_s": 0.0, "search_s": time.perf_counter() - t0, "pairs": len(queries) * len(base)}
     index = faiss.IndexFlatIP(d)
-    info = {"method": "exact", "device": "cpu"}
+    info = {"method": "exact", "device": "cpu", "engine": "faiss IndexFlatIP"}
     index.add(base)
     info["train_add_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -89,6 +94,7 @@ def nearest(queries, base, k, *, device="cpu", method=None, nlist=None, nprobe=N
         steps = tqdm(steps, desc=f"search ({info['method']})", unit="block", leave=False)
     for s in steps:
         S[s:s + block], I[s:s + block] = index.search(queries[s:s + block], k)
+    S[I < 0] = -np.inf  # faiss marks a missing neighbour with -FLT_MAX
     info["search_s"] = time.perf_counter() - t0
     info["pairs"] = len(queries) * len(base)
     return S, I, info
@@ -96,19 +102,21 @@ def nearest(queries, base, k, *, device="cpu", method=None, nlist=None, nprobe=N
 
 def _torch_exact(queries, base, k, device, block, progress):
     import torch
+    cuda = str(device).startswith("cuda")
     b = torch.from_numpy(base).to(device)
-    b16 = b.half()
-    block = max(1, min(block, (1 << 30) // max(1, len(base))))  # a block x base product of at most 2 GB
-    extra = min(len(base), k + 16)  # fp16 products pick the candidates, float32 orders them
+    b16 = b.to(torch.float16 if cuda else torch.bfloat16)
+    # a block x base product of at most 2 GB on a GPU, 256 MB on the CPU
+    block = max(1, min(block, (1 << (30 if cuda else 27)) // max(1, len(base))))
+    extra = min(len(base), k + 16)  # half-precision products pick the candidates, float32 orders them
     S = np.full((len(queries), k), -np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
     steps = range(0, len(queries), block)
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, desc="search (exact, gpu)", unit="block", leave=False)
+        steps = tqdm(steps, desc=f"search (exact, {'gpu' if cuda else 'cpu'})", unit="block", leave=False)
     for s in steps:
         q = torch.from_numpy(queries[s:s + block]).to(device)
-        cand = (q.half() @ b16.T).topk(extra, dim=1).indices
+        cand = (q.to(b16.dtype) @ b16.T).topk(extra, dim=1).indices
         exact = torch.einsum("qd,qkd->qk", q, b[cand])
         top = exact.topk(min(k, extra), dim=1)
         n = top.values.shape[1]
@@ -124,9 +132,9 @@ def _ivf_join(queries, base, k, nlist, nprobe, seed, progress, self_join=False, 
     t0 = time.perf_counter()
     n, d = base.shape
     sample = base
-    if n > 64 * nlist:
-        sample = base[np.sort(np.random.default_rng(seed).choice(n, 64 * nlist, replace=False))]
-    km = faiss.Kmeans(d, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
+    if n > 256 * nlist:
+        sample = base[np.sort(np.random.default_rng(seed).choice(n, 256 * nlist, replace=False))]
+    km = faiss.Kmeans(d, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=256)
     km.train(sample)
     assign = faiss.IndexFlatIP(d)
     assign.add(km.centroids)
@@ -148,7 +156,7 @@ def _ivf_join(queries, base, k, nlist, nprobe, seed, progress, self_join=False, 
     bf = torch.from_numpy(base)
     qf = torch.from_numpy(queries)
     order_t = torch.from_numpy(order)
-    members_all = bf[order_t].to(torch.bfloat16)
+    members_all = bf.to(torch.bfloat16)[order_t]
     qb = members_all[torch.from_numpy(np.argsort(order))] if self_join else qf.to(torch.bfloat16)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -2,8 +2,12 @@
 
 An evaluation face x matches training identity y when cos(x, c_y) >= t, c_y the identity's
 center (the normalised mean of its features, :func:`centers.identity_centers`); the k nearest
-centers of each face are searched (:func:`neighbours.nearest`: faiss exact or IVF on the CPU,
-exact on a GPU), so an identity packed under two labels is found under both.
+centers of each face are searched exactly (:func:`neighbours.nearest`: on the CPU blocked
+bfloat16 products re-scored in float32 once the search is large, on a GPU fp16 products), so an
+identity packed under two labels is found under both. Exact because the search is one-sided (an
+evaluation face against all centers, at cosines well below those of duplicated identities),
+where an inverted file's probe lists miss too much, and small: the evaluation sets hold tens of
+thousands of faces.
 
 Default threshold: a robust equal-error point of two cosine distributions the training set
 gives for the model at hand, on a sample of its faces:
@@ -33,7 +37,7 @@ from .centers import identity_centers
 from .neighbours import nearest
 
 NEIGHBOURS = 5  # k: centers kept per evaluation face
-SAMPLE = 100_000  # training faces that estimate the default threshold
+SAMPLE = 20_000  # training faces that estimate the default threshold (medians and MADs)
 
 
 @dataclass
@@ -66,14 +70,15 @@ def find_overlap(train_features, train_labels, eval_features, threshold=None, **
 
 
 def search_overlap(train_features, train_labels, eval_sets, threshold=None, *, k=NEIGHBOURS, device="cpu",
-                   method=None, sample=SAMPLE, seed=0, centers=None, log=None):
+                   method="exact", sample=SAMPLE, seed=0, centers=None, log=None):
     """Overlap of every evaluation set (a list of M_j x d arrays) with the training identities.
 
-    One search covers the evaluation faces and the training sample of the default threshold, so an
-    IVF index is trained once. ``centers``: (ids, C, counts) of :func:`identity_centers`, if known.
+    One search covers the evaluation faces and the training sample of the default threshold.
+    ``centers``: (ids, C, counts, |S|) of :func:`identity_centers` with ``norms=True``, if known.
     """
     labels = np.asarray(train_labels, np.int64)
-    ids, C, counts = centers if centers is not None else identity_centers(train_features, labels)
+    ids, C, counts, lengths = centers if centers is not None else identity_centers(train_features, labels,
+                                                                                    norms=True)
     d = C.shape[1]
     evals = []
     for j, e in enumerate(eval_sets):
@@ -95,7 +100,7 @@ def search_overlap(train_features, train_labels, eval_sets, threshold=None, *, k
     rule = {"rule": "given"}
     if threshold is None:
         pos = np.searchsorted(ids, labels[rows])
-        genuine = _leave_one_out(train_features, labels, ids, C, counts, rows, pos)
+        genuine = _leave_one_out(train_features, C, counts, lengths, rows, pos)
         impostor = _nearest_other(S[:len(rows)], I[:len(rows)], pos)
         threshold, rule = equal_error_threshold(genuine, impostor)
         if log and rule["separation"] < 2:
@@ -142,21 +147,15 @@ def equal_error_threshold(genuine, impostor):
                "impostor_quantiles": {str(p): float(np.quantile(impostor, p)) for p in q}}
 
 
-def _leave_one_out(features, labels, ids, C, counts, rows, pos, chunk_rows=1 << 16):
+def _leave_one_out(features, C, counts, lengths, rows, pos):
     """cos(f_i, center of its identity without f_i) for the sampled ``rows`` of identities of >= 2 faces.
 
-    With S = sum of the identity's unit features and g = cos(f_i, S/|S|): |S| = sum_i g_i, and
-    cos(f_i, S - f_i) = (|S| g - 1) / sqrt(|S|^2 - 2 |S| g + 1). |S| takes one sequential pass.
+    With S the sum of the identity's unit features (|S| from the centers pass) and g = cos(f_i, S/|S|):
+    cos(f_i, S - f_i) = (|S| g - 1) / sqrt(|S|^2 - 2 |S| g + 1).
     """
-    norm = np.zeros(len(ids))
-    every = np.searchsorted(ids, labels)
-    for s in range(0, len(labels), chunk_rows):
-        block = _unit(np.asarray(features[s:s + chunk_rows], np.float32))
-        p = every[s:s + len(block)]
-        norm += np.bincount(p, np.einsum("nd,nd->n", block, C[p]), minlength=len(ids))
     f = _unit(np.asarray(features[rows], np.float32))
     g = np.einsum("nd,nd->n", f, C[pos]).astype(np.float64)
-    n = norm[pos]
+    n = lengths[pos].astype(np.float64)
     keep = counts[pos] >= 2
     loo = (n * g - 1) / np.sqrt(np.maximum(n * n - 2 * n * g + 1, 1e-12))
     return np.clip(loo[keep], -1, 1)
@@ -175,15 +174,6 @@ def _unit(x):
 
 
 # ---- the command: features + evaluation .bin files -> report (+ exclusion index) ----
-
-def model_origin(checkpoint=None, network=None, embedding_size=512, onnx=None):
-    """The provenance ``extract`` records for this model file (meta.json: provenance.model)."""
-    from .extract import file_sha256
-    if onnx:
-        return {"onnx_sha256": file_sha256(onnx, "ONNX model")}
-    return {"checkpoint_sha256": file_sha256(checkpoint, "checkpoint"), "network": network,
-            "embedding_size": int(embedding_size)}
-
 
 def check_same_model(feature_dir, meta, given, model_path):
     """Refuses a model other than the one the features were extracted with."""
@@ -208,19 +198,6 @@ def _describe(origin):
     return ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted(origin.items()))
 
 
-def load_model(checkpoint, network, embedding_size, onnx, device):
-    import os
-    import sys
-
-    from .extract import OnnxModel, load_checkpoint_model
-    if onnx:
-        return OnnxModel(onnx, device)
-    insightface = os.environ.get("INSIGHTFACE_DIR")
-    if insightface:
-        sys.path.insert(0, os.path.join(insightface, "recognition", "arcface_torch"))
-    return load_checkpoint_model(network, checkpoint, device, embedding_size)
-
-
 def embed(model, eval_bin, flip, batch_size=256):
     """Unit features (float32) of every image of an EvalBin, as extract computes training features."""
     import torch
@@ -239,14 +216,14 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     import os
 
     from .eval_bin import read_bin
-    from .extract import load_features
+    from .extract import load_features, load_model, model_origin
     feats, labels, _, meta = load_features(feature_dir, rec_dir)
     check_same_model(feature_dir, meta, model_origin(checkpoint, network, embedding_size, onnx), checkpoint or onnx)
     bins = [read_bin(p) for p in bin_paths]
     model = load_model(checkpoint, network, embedding_size, onnx, device)
     flip = bool(meta["flip"])
     evals = [embed(model, b, flip, batch_size) for b in bins]
-    centers = identity_centers(feats, labels)
+    centers = identity_centers(feats, labels, norms=True)
     result = search_overlap(feats, labels, evals, threshold, device=device, centers=centers,
                             log=lambda line: log(f"face_nms overlap: {line}"))
     found = result.labels()
@@ -271,7 +248,8 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     paths = [out]
     if exclude:
         report["exclusion"], summary, keys, offsets = _exclusion(exclude, rec_dir, labels, found, meta, out)
-        paths += [exclude] + ([] if summary["path"] == out else [summary["path"]])
+        from .guards import same_file
+        paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
     _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None)
     return report
 
@@ -281,24 +259,17 @@ def _exclusion(exclude, rec_dir, labels, found, meta, out):
     import os
 
     from .recordio_index import image_records
+    from .report import index_summary
     keep = ~np.isin(labels, found)
     identities = len(np.unique(labels))
     if not keep.any():
         raise ValueError(f"--exclude {exclude}: the overlap holds every one of the {identities} training identities, "
                          f"so the exclusion index would be empty; check --threshold and the model")
     _, keys, offsets = image_records(rec_dir)  # load_features checked these are the feature rows, in order
-    sizes = np.bincount(labels)
-    kept = np.bincount(labels[keep], minlength=len(sizes))[sizes > 0]
-    values, counts = np.unique(kept, return_counts=True)
-    rows = np.flatnonzero(keep)
-    pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(4096, len(rows))).astype(np.int64))]
-    dataset = dict(meta["provenance"]["dataset"], label_sample={"keys": keys[pick].tolist(),
-                                                                "labels": labels[pick].tolist()})
-    summary = {"path": os.path.splitext(exclude)[0] + ".json", "method": "overlap exclusion",
-               "kept": int(keep.sum()), "total": int(len(labels)), "identities": identities,
-               "removed_identities": int(len(found)), "removed_faces": int((~keep).sum()),
-               "kept_per_identity_histogram": {int(v): int(c) for v, c in zip(values, counts)},
-               "overlap_report": os.path.abspath(out), "dataset": dataset}
+    summary = index_summary(labels, keep, keys, meta["provenance"]["dataset"], method="overlap exclusion",
+                            identities=identities, removed_identities=int(len(found)),
+                            removed_faces=int((~keep).sum()), overlap_report=os.path.abspath(out))
+    summary["path"] = os.path.splitext(exclude)[0] + ".json"
     info = {k: summary[k] for k in ("kept", "total", "removed_identities", "removed_faces")}
     info["index"] = os.path.abspath(exclude)
     return info, summary, keys[keep], offsets[keep]

@@ -48,6 +48,24 @@ def _retention_by_size(labels, keep):
     return xs, ys
 
 
+def index_summary(labels, keep, keys, dataset, **fields):
+    """The summary the training filter reads beside a filtered index that is not a selection (an
+    exclusion): ``fields``, the counts, the kept-per-identity histogram and, with ``dataset`` (the
+    features' dataset provenance), the labels of a sample of kept records (``keys``: one per row)."""
+    labels = np.asarray(labels, np.int64)
+    sizes = np.bincount(labels)
+    kept = np.bincount(labels[keep], minlength=len(sizes))[sizes > 0]
+    values, counts = np.unique(kept, return_counts=True)
+    info = dict(fields, kept=int(keep.sum()), total=int(len(labels)),
+                kept_per_identity_histogram={int(v): int(c) for v, c in zip(values, counts)})
+    if dataset is not None:
+        rows = np.flatnonzero(keep)
+        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(LABEL_SAMPLE, len(rows))).astype(np.int64))]
+        info["dataset"] = dict(dataset, label_sample={"keys": np.asarray(keys)[pick].tolist(),
+                                                      "labels": labels[pick].tolist()})
+    return info
+
+
 def report_paths(idx_path):
     """The summary and plots written beside a filtered index."""
     stem = os.path.splitext(idx_path)[0]

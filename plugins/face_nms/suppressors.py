@@ -1,9 +1,11 @@
-"""The suppressor of each dropped face: the nearest kept face of its identity, and their cosine.
+"""The suppressor of each dropped face, and their cosine.
 
-For a Face-NMS selection at threshold T that cosine is above T (the face was dropped because a
-kept face of its identity came closer than T; the nearest kept one is at least as close), so
-the histogram of these cosines is the quantity the threshold acts on. Cosines are float32
-products of features normalised in float64, as the selection computes them.
+Greedy NMS drops face j when a face of its identity kept before it in rank order is closer than
+the threshold T. With the selection's ranking (``ranker``: the :class:`.nms.Ranker` of its order,
+centers and seed) the suppressor is the most similar of the kept faces ranked before j, and its
+cosine is the quantity T acted on: above T for every dropped face. Without a ranking (an index
+of unknown origin) it is the nearest kept face of the identity. Cosines are float32 products of
+features normalised in float64, as the selection computes them.
 
 Only the rows of the identities asked for are read, in row order, from the memory-mapped
 feature file: the histogram takes every identity with a dropped face when they hold at most
@@ -46,8 +48,9 @@ def histogram_identities(labels, kept, max_rows=HIST_ROWS, seed=0):
     return np.sort(pick[:n]), len(candidates)
 
 
-def find_suppressors(features, labels, kept, identities, source="features.npy"):
-    """:class:`Suppressors` of every dropped face of ``identities``; ``kept``: bool per row."""
+def find_suppressors(features, labels, kept, identities, source="features.npy", ranker=None):
+    """:class:`Suppressors` of every dropped face of ``identities``; ``kept``: bool per row;
+    ``ranker``: the selection's :class:`.nms.Ranker` (None: the nearest kept face)."""
     rows = np.flatnonzero(np.isin(labels, identities))
     X = read_rows(features, rows)
     sup = np.full(len(rows), -1, np.int64)
@@ -59,14 +62,29 @@ def find_suppressors(features, labels, kept, identities, source="features.npy"):
         if not len(d) or not len(k):
             continue
         K = _normalised(X[k], rows[k], source)
+        position = _positions(ranker, X[group], rows[group], labels[rows[group[0]]]) if ranker else None
         for s in range(0, len(d), _BLOCK):
             part = d[s:s + _BLOCK]
             S = (_normalised(X[part], rows[part], source) @ K.T).clamp_(-1.0, 1.0)
+            if position is not None:
+                # only kept faces ranked before the dropped one can have suppressed it
+                at = {int(g): i for i, g in enumerate(group)}
+                pk = torch.from_numpy(position[[at[int(g)] for g in k]])
+                pd = torch.from_numpy(position[[at[int(g)] for g in part]])
+                S = S.masked_fill(pk[None, :] > pd[:, None], -2.0)
             best = S.max(dim=1)
             sup[part] = rows[k][best.indices.numpy()]
             cos[part] = best.values.numpy()
     dropped = ~kept[rows]
     return Suppressors(rows[dropped], sup[dropped], cos[dropped])
+
+
+def _positions(ranker, X, rows, label):
+    """Rank position of each of one identity's rows (ascending), as the selection ranked them."""
+    _, ranked = ranker.rank(np.asarray(X)[None], np.asarray(rows)[None], np.array([label]), pairwise=False)
+    position = np.empty(len(rows), np.int64)
+    position[np.searchsorted(rows, ranked[0].cpu().numpy())] = np.arange(len(rows))
+    return position
 
 
 def read_rows(features, rows):
