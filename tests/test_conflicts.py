@@ -175,6 +175,7 @@ def test_cli_bad_inputs_are_one_line(ds, capsys, tmp_path):
     one_line(*cli(conflicts(ds, out, "--drop", str(tmp_path / "c.idx")), capsys), 2, "--drop", "c.json",
              "an output of --out")
     one_line(*cli(conflicts(ds, tmp_path / "c.txt"), capsys), 2, "--out", ".json")
+    one_line(*cli(conflicts(ds, out, "--method", "exact", "--nprobe", "4"), capsys), 2, "--nprobe", "leave them out")
     one_line(*cli(conflicts(ds, tmp_path / "no" / "c.json"), capsys), 1, "does not exist")
     one_line(*cli(conflicts(ds, out, "--centers", ds["centers"] + ".missing"), capsys), 1, "--centers", "not found")
     wrong = tmp_path / "wrong.npy"
@@ -193,3 +194,18 @@ def test_cli_bad_inputs_are_one_line(ds, capsys, tmp_path):
     one_line(*cli(conflicts(ds, out, "--device", "cuda:99", "--method", "ivf"), capsys), 2, "--method ivf")
     assert not out.exists() and not (tmp_path / "c_pairs.csv").exists()
     assert snapshot(data) == before
+
+
+def test_a_feature_row_without_direction_is_one_line(ds, capsys, tmp_path):
+    import shutil
+    bad = tmp_path / "feats"
+    shutil.copytree(ds["feats"], bad)
+    f = np.load(bad / "features.npy")
+    f[5] = 0
+    np.save(bad / "features.npy", f)
+    out = tmp_path / "c.json"
+    status, lines = cli(["conflicts", "--features", str(bad), "--rec", ds["rec"], "--out", str(out)], capsys)
+    # found while the file is read: the progress bar's lines come first, then the one error line
+    assert status == 1 and "features.npy: row 5 is not finite or all zero" in lines[-1]
+    assert "extract the features again" in lines[-1] and lines[-1].startswith("face_nms conflicts: error:")
+    assert not out.exists()

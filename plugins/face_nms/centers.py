@@ -38,7 +38,13 @@ def identity_centers(features, labels, *, centers=None, chunk_rows=1 << 16, prog
         steps = tqdm(steps, desc="centers", unit="block", leave=False)
     for s in steps:
         block = torch.from_numpy(np.asarray(features[s:s + chunk_rows], np.float32))
-        block = torch.nn.functional.normalize(block, dim=1)
+        n = torch.linalg.vector_norm(block, dim=1)
+        bad = ~torch.isfinite(n) | (n == 0)
+        if bool(bad.any()):
+            source = getattr(features, "filename", None) or "features"
+            raise ValueError(f"{source}: row {s + int(torch.nonzero(bad)[0, 0])} is not finite or all zero, so it "
+                             f"has no direction; extract the features again")
+        block = block / n[:, None]
         sums.index_add_(0, inv[s:s + len(block)], block)
     c, lengths = _unit(sums.numpy())
     return (ids, c, counts, lengths) if norms else (ids, c, counts)

@@ -347,6 +347,11 @@ def check_conflicts(args):
     if args.device and str(args.device).startswith("cuda") and args.method == "ivf":
         raise UsageError(f"--method ivf runs on the CPU; the search on --device {args.device} is exact: "
                          f"leave --method out or use --device cpu")
+    exact = args.method == "exact" or (args.device and str(args.device).startswith("cuda"))
+    if exact and (args.nlist or args.nprobe):
+        raise UsageError(f"--nlist and --nprobe set the CPU's IVF search; this search is exact "
+                         f"({'--method exact' if args.method == 'exact' else '--device ' + str(args.device)}): "
+                         f"leave them out")
     check_device(args.device)
     rec_folder(args.rec)
     feature_folder(args.features)
