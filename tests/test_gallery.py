@@ -288,6 +288,31 @@ def test_failed_page_keeps_the_old_set(data, tmp_path):
     assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == before
 
 
+def test_a_page_that_cannot_be_built_costs_no_selection(data, tmp_path, capsys):
+    import shutil
+    # the dataset's train.rec is cut short after select read the features: thumbnails cannot be decoded
+    rec = tmp_path / "ds"
+    shutil.copytree(data["rec"], rec)
+    size = os.path.getsize(rec / "train.rec")
+    with open(rec / "train.rec", "r+b") as f:
+        f.truncate(size // 2)
+    from plugins.face_nms.extract import load_features
+    from plugins.face_nms.gallery import selection_writer
+    from plugins.face_nms.recordio_index import image_records
+    from plugins.face_nms.report import write_selection
+    from plugins.face_nms.select import select_core_set
+    feats, labels, _, _ = load_features(data["feats"], data["rec"])
+    sel = select_core_set(feats, labels, ratio=0.6, device="cpu")
+    _, keys, offsets = image_records(data["rec"])
+    said = []
+    page = selection_writer(str(rec), feats, labels, keys, offsets, sel, str(tmp_path / "s.idx"), log=said.append)
+    write_selection(str(tmp_path / "s.idx"), keys[sel.keep], offsets[sel.keep], sel, labels, page=page)
+    assert len(read_idx(str(tmp_path / "s.idx"))[0]) == sel.kept
+    text = open(tmp_path / "s.html").read()
+    assert "id='no-faces'" in text and "<img" not in text and str(sel.kept) in text
+    assert len(said) == 1 and "shows no faces" in said[0] and "python -m plugins.face_nms gallery" in said[0]
+
+
 # ---- the page in a real browser ----
 
 _REPORT = """<script>
