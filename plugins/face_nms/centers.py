@@ -58,3 +58,9 @@ def _unit(c):
                          f"are not finite or zero: the features of that identity cancel out or are broken")
     c /= norms
     return c, norms[:, 0]
+
+
+def leave_one_out(g, length):
+    """cos(f, S - f): a unit face f against its identity's center without it, from g = cos(f, S/|S|)
+    and ``length`` = |S| (S the sum of the identity's unit features). numpy arrays or torch tensors."""
+    return (length * g - 1) / (length * length - 2 * length * g + 1).clip(min=1e-12) ** 0.5

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .centers import identity_centers
+from .centers import identity_centers, leave_one_out
 from .neighbours import nearest
 
 Z = 6.0         # outlier rule of the default threshold, in robust standard deviations
@@ -150,8 +150,7 @@ def _flag_faces(out, features, labels, C, norms, I, device, chunk_rows, progress
             dot = (f * Ct[own]).sum(1)
             if lengths is not None:
                 # cos(f, S - f) with S = |S| C the identity's sum of unit rows
-                n = lengths[own]
-                own_cos = (dot * n - 1) / torch.sqrt(torch.clamp(n * n - 2 * dot * n + 1, min=1e-12))
+                own_cos = leave_one_out(dot, lengths[own])
                 own_cos = torch.where(counts[own] > 1, own_cos, torch.full_like(own_cos, float("inf")))
             else:
                 own_cos = dot

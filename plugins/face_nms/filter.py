@@ -76,11 +76,9 @@ def check_index_dataset(index, rec_dir, keys):
         return
     if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
         return
+    from .report import kept_histogram
     full = read_index(rec_dir)
-    sizes = np.bincount(full.labels)
-    kept = np.bincount(full.labels[np.isin(full.keys, keys)], minlength=len(sizes))[sizes > 0]
-    values, counts = np.unique(kept, return_counts=True)
-    hist = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    hist = {str(v): c for v, c in kept_histogram(full.labels, np.isin(full.keys, keys)).items()}
     recorded = {str(k): int(v) for k, v in info["kept_per_identity_histogram"].items()}
     if info["total"] != len(full) or info["kept"] != len(keys) or hist != recorded:
         raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces and per-identity "

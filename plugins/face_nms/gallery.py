@@ -100,8 +100,7 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
     hist = _histogram_png(cos, threshold)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>",
-             "<table class='numbers'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>"
-                                                 for k, v in numbers) + "</table>",
+             _numbers_table(numbers),
              "<div class='plots'>"]
     for cap, png in plots:
         parts.append(f"<figure><img src='{_uri(png, 'png')}' alt='{_e(cap)}'><figcaption>{_e(cap)}</figcaption>"
@@ -158,6 +157,11 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
         out.append("<div class='faces dropped'>" + "".join(pairs) + _more(len(d) - len(d_shown), "dropped")
                    + "</div></section>")
     return "\n".join(out)
+
+
+def _numbers_table(numbers):
+    return ("<table class='numbers'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>" for k, v in numbers)
+            + "</table>")
 
 
 def _more(n, what):
@@ -263,9 +267,7 @@ def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=
                     f"written; build the page again with python -m plugins.face_nms gallery")
             page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(os.path.basename(out))}</title>"
                     f"</head><body><h1>Face-NMS selection: {_e(os.path.basename(out))}</h1><p id='no-faces'>"
-                    f"No faces shown: {_e(reason)}</p><table class='numbers'>"
-                    + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>" for k, v in summary_numbers(info))
-                    + "</table></body></html>")
+                    f"No faces shown: {_e(reason)}</p>{_numbers_table(summary_numbers(info))}</body></html>")
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
 

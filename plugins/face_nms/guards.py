@@ -344,11 +344,11 @@ def check_gallery(args):
 def check_conflicts(args):
     """Everything ``conflicts`` can know before reading the features; returns the centers."""
     from .conflicts import conflict_outputs
-    if args.device and str(args.device).startswith("cuda") and args.method == "ivf":
+    cuda = bool(args.device) and str(args.device).startswith("cuda")
+    if cuda and args.method == "ivf":
         raise UsageError(f"--method ivf runs on the CPU; the search on --device {args.device} is exact: "
                          f"leave --method out or use --device cpu")
-    exact = args.method == "exact" or (args.device and str(args.device).startswith("cuda"))
-    if exact and (args.nlist or args.nprobe):
+    if (cuda or args.method == "exact") and (args.nlist or args.nprobe):
         raise UsageError(f"--nlist and --nprobe set the CPU's IVF search; this search is exact "
                          f"({'--method exact' if args.method == 'exact' else '--device ' + str(args.device)}): "
                          f"leave them out")

@@ -118,11 +118,10 @@ def _torch_exact(queries, base, k, device, block, progress):
     for s in steps:
         q = torch.from_numpy(queries[s:s + block]).to(device)
         cand = (q.to(b16.dtype) @ b16.T).topk(extra, dim=1).indices
-        exact = torch.einsum("qd,qkd->qk", q, b[cand])
-        top = exact.topk(min(k, extra), dim=1)
-        n = top.values.shape[1]
-        S[s:s + len(q), :n] = top.values.cpu().numpy()
-        I[s:s + len(q), :n] = torch.gather(cand, 1, top.indices).cpu().numpy()
+        values, rows = _rescore(q, b, cand, k)
+        n = values.shape[1]
+        S[s:s + len(q), :n] = values.cpu().numpy()
+        I[s:s + len(q), :n] = rows.cpu().numpy()
     return S, I
 
 
@@ -158,7 +157,7 @@ def _ivf_join(queries, base, k, nlist, nprobe, seed, progress, self_join=False, 
     qf = torch.from_numpy(queries)
     order_t = torch.from_numpy(order)
     members_all = bf.to(torch.bfloat16)[order_t]
-    qb = members_all[torch.from_numpy(np.argsort(order))] if self_join else qf.to(torch.bfloat16)
+    qb = qf.to(torch.bfloat16)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = k + 8  # bfloat16 products pick the candidates, float32 orders them
@@ -191,15 +190,19 @@ def _ivf_join(queries, base, k, nlist, nprobe, seed, progress, self_join=False, 
     S = np.full((len(queries), k), -np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
     for s in range(0, len(queries), query_rows):
-        cand = run_i[s:s + query_rows]
-        rows = order_t[cand.clamp(min=0)]
-        exact = torch.einsum("qd,qkd->qk", qf[s:s + query_rows], bf[rows])
-        exact[cand < 0] = -np.inf
-        top = exact.topk(min(k, m), dim=1)
-        idx = torch.gather(rows, 1, top.indices)
-        idx[torch.gather(cand, 1, top.indices) < 0] = -1
-        got = top.values.shape[1]
-        S[s:s + query_rows, :got] = top.values.numpy()
-        I[s:s + query_rows, :got] = idx.numpy()
+        at = run_i[s:s + query_rows]  # positions in cell order, -1: none
+        values, rows = _rescore(qf[s:s + query_rows], bf, torch.where(at >= 0, order_t[at.clamp(min=0)], -1), k)
+        S[s:s + query_rows] = values.numpy()
+        I[s:s + query_rows] = rows.numpy()
     S[I < 0] = -np.inf
     return S, I, {"train_add_s": train_s, "search_s": time.perf_counter() - t0, "pairs": pairs}
+
+
+def _rescore(q, base, cand, k):
+    """(float32 cosines, base rows) of the k of the candidate rows ``cand`` (one row of base row
+    numbers per query, -1: none) most similar to each query of ``q``, in descending order."""
+    import torch
+    exact = torch.einsum("qd,qkd->qk", q, base[cand.clamp(min=0)])
+    exact[cand < 0] = -float("inf")
+    top = exact.topk(min(k, cand.shape[1]), dim=1)
+    return top.values, cand.gather(1, top.indices)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .centers import identity_centers
+from .centers import identity_centers, leave_one_out
 from .neighbours import nearest
 
 NEIGHBOURS = 5  # k: centers kept per evaluation face
@@ -157,8 +157,7 @@ def _leave_one_out(features, C, counts, lengths, rows, pos):
     g = np.einsum("nd,nd->n", f, C[pos]).astype(np.float64)
     n = lengths[pos].astype(np.float64)
     keep = counts[pos] >= 2
-    loo = (n * g - 1) / np.sqrt(np.maximum(n * n - 2 * n * g + 1, 1e-12))
-    return np.clip(loo[keep], -1, 1)
+    return np.clip(leave_one_out(g, n)[keep], -1, 1)
 
 
 def _nearest_other(S, I, pos):

@@ -10,18 +10,32 @@ from .recordio_index import write_idx
 LABEL_SAMPLE = 4096
 
 
-def summary(sel, labels):
+def kept_histogram(labels, keep):
+    """{faces kept: identities} over the identities present in ``labels`` (``keep``: rows or a mask)."""
     labels = np.asarray(labels, np.int64)
     sizes = np.bincount(labels)
-    kept = np.bincount(labels[sel.keep], minlength=len(sizes))
-    present = sizes > 0
-    hist_values, hist_counts = np.unique(kept[present], return_counts=True)
+    kept = np.bincount(labels[keep], minlength=len(sizes))[sizes > 0]
+    values, counts = np.unique(kept, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def label_sample(keys, labels):
+    """Keys and labels of up to LABEL_SAMPLE records spread over the kept ones (``keys``/``labels``:
+    one per kept record): the training filter compares them with config.rec's labels, which the
+    dataset digest (train.idx and the .rec size) alone would not catch after a relabelling."""
+    pick = np.unique(np.linspace(0, len(keys) - 1, min(LABEL_SAMPLE, len(keys))).astype(np.int64))
+    return {"keys": np.asarray(keys)[pick].tolist(), "labels": np.asarray(labels)[pick].tolist()}
+
+
+def summary(sel, labels):
+    labels = np.asarray(labels, np.int64)
+    present = np.bincount(labels) > 0
     nn = _nn_cosines(sel)
     return {
         "method": sel.method, "order": sel.order, "threshold": sel.threshold,
         "kept": int(sel.kept), "total": int(sel.total), "kept_fraction": sel.fraction,
         "identities": int(present.sum()),
-        "kept_per_identity_histogram": {int(v): int(c) for v, c in zip(hist_values, hist_counts)},
+        "kept_per_identity_histogram": kept_histogram(labels, sel.keep),
         "nearest_kept_cosine_quantiles": {q: float(np.quantile(nn, float(q))) for q in ("0.5", "0.9", "0.99")}
         if len(nn) else {},
         "threshold_search": [[float(t), float(f)] for t, f in sel.search],
@@ -53,16 +67,11 @@ def index_summary(labels, keep, keys, dataset, **fields):
     exclusion): ``fields``, the counts, the kept-per-identity histogram and, with ``dataset`` (the
     features' dataset provenance), the labels of a sample of kept records (``keys``: one per row)."""
     labels = np.asarray(labels, np.int64)
-    sizes = np.bincount(labels)
-    kept = np.bincount(labels[keep], minlength=len(sizes))[sizes > 0]
-    values, counts = np.unique(kept, return_counts=True)
     info = dict(fields, kept=int(keep.sum()), total=int(len(labels)),
-                kept_per_identity_histogram={int(v): int(c) for v, c in zip(values, counts)})
+                kept_per_identity_histogram=kept_histogram(labels, keep))
     if dataset is not None:
         rows = np.flatnonzero(keep)
-        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(LABEL_SAMPLE, len(rows))).astype(np.int64))]
-        info["dataset"] = dict(dataset, label_sample={"keys": np.asarray(keys)[pick].tolist(),
-                                                      "labels": labels[pick].tolist()})
+        info["dataset"] = dict(dataset, label_sample=label_sample(np.asarray(keys)[rows], labels[rows]))
     return info
 
 
@@ -81,11 +90,7 @@ def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=Non
     ``<stem>.html`` (:mod:`.gallery`) into the same set."""
     paths = [idx_path] + report_paths(idx_path) + ([os.path.splitext(idx_path)[0] + ".html"] if page else [])
     if dataset is not None:
-        # labels of a few kept records: the filter compares them with config.rec's, which the
-        # dataset digest (train.idx and the .rec size) alone would not catch after a relabelling
-        pick = np.unique(np.linspace(0, len(sel.keep) - 1, min(LABEL_SAMPLE, len(sel.keep))).astype(np.int64))
-        dataset = dict(dataset, label_sample={"keys": np.asarray(keys)[pick].tolist(),
-                                              "labels": np.asarray(labels)[sel.keep[pick]].tolist()})
+        dataset = dict(dataset, label_sample=label_sample(keys, np.asarray(labels)[sel.keep]))
     with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)]) as tmps:
         write_idx(tmps[0], keys, offsets)
         info = _write_report(sel, labels, dataset, *tmps[1:4])
