@@ -233,8 +233,11 @@ def _first_line(exc):
 def file_sha256(path, what="file"):
     """Hex SHA-256 of a file's content, read in blocks."""
     try:
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     except OSError as exc:
         raise ValueError(f"{what} {path} cannot be read ({exc.strerror}); check the path and its "
                          f"permissions") from None
