@@ -14,7 +14,8 @@ import torch
 
 from common import save, table
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 
 
 def build(network, device, fp16):

@@ -8,7 +8,8 @@ import pytest
 from plugins.face_nms import find_identity_conflicts
 from plugins.face_nms.conflicts import find_conflicts
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.recordio_index import image_records, read_idx
 
 from test_cli import cli, one_line, snapshot

@@ -12,7 +12,10 @@ import gloo_group
 import stalled_extract
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import RecordImages, TorchModel, extract_features, load_features
+from plugins.face_nms.decode import RecordImages
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.features import load_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.recordio_index import read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +178,7 @@ def test_demo_runs_and_removes_bursts(tmp_path):
 
 
 def test_onnx_model_through_insightface_model_zoo(rec_dir, tmp_path):
-    from plugins.face_nms.extract import OnnxModel
+    from plugins.face_nms.models import OnnxModel
     net = TinyNet(seed=0).eval()
     path = str(tmp_path / "tiny.onnx")
     torch.onnx.export(net, torch.zeros(1, 3, 112, 112), path, input_names=["data"], output_names=["fc1"],

@@ -13,7 +13,8 @@ from test_outputs import _write_in_child
 
 from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.gallery import PER_IDENTITY, THUMB, build_page, pick_identities
 from plugins.face_nms.recordio_index import read_idx, read_index
 from plugins.face_nms.suppressors import find_suppressors, histogram_identities
@@ -296,7 +297,7 @@ def test_a_page_that_cannot_be_built_costs_no_selection(data, tmp_path, capsys):
     size = os.path.getsize(rec / "train.rec")
     with open(rec / "train.rec", "r+b") as f:
         f.truncate(size // 2)
-    from plugins.face_nms.extract import load_features
+    from plugins.face_nms.features import load_features
     from plugins.face_nms.gallery import selection_writer
     from plugins.face_nms.recordio_index import image_records
     from plugins.face_nms.report import write_selection

@@ -12,7 +12,9 @@ from test_cli import cli
 from plugins.face_nms import find_overlap
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.eval_bin import decode, read_bin
-from plugins.face_nms.extract import OnnxModel, extract_features, load_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.features import load_features
+from plugins.face_nms.models import OnnxModel
 from plugins.face_nms.recordio_index import read_idx, read_index
 
 PLANTED = 8  # training identities 0..7 have other faces in the .bin; identity 8 an identical copy of one face

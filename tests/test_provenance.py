@@ -13,7 +13,9 @@ import torch
 import stalled_extract
 from plugins.face_nms.__main__ import main as cli
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features, load_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.features import load_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.recordio_index import read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,7 +270,7 @@ def test_face_nms_filter_refuses_an_index_of_another_dataset(rec_dir, relabelled
 def test_face_nms_filter_compares_the_recorded_dataset(rec_dir, tmp_path):
     from types import SimpleNamespace
 
-    from plugins.face_nms.extract import dataset_provenance
+    from plugins.face_nms.provenance import dataset_provenance
     from plugins.face_nms.filter import face_nms_filter
     from plugins.face_nms.recordio_index import write_idx
     index = read_index(rec_dir)

@@ -268,7 +268,9 @@ def test_labels_that_are_no_identity_id(faces, tmp_path, label):
 
 def test_labels_are_int64_end_to_end(faces, tmp_path):
     from plugins.face_nms.demo import TinyNet
-    from plugins.face_nms.extract import TorchModel, extract_features, load_features
+    from plugins.face_nms.extract import extract_features
+    from plugins.face_nms.features import load_features
+    from plugins.face_nms.models import TorchModel
     images, _ = faces
     big = 2 ** 24 - 1  # the largest label a float32 header holds exactly
     d = write_records(str(tmp_path / "ds"), [(k, float(big - k % 2), jpeg(images[k])) for k in range(4)])

@@ -75,7 +75,8 @@ def cmd_proxy_subset(args):
 def cmd_extract(args):
     guards.check_extract(args)
     import torch
-    from .extract import extract_features, load_model
+    from .extract import extract_features
+    from .models import load_model
     device = args.device
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
@@ -106,7 +107,7 @@ def default_workers(cap=16):
 
 
 def cmd_select(args):
-    from .extract import load_features
+    from .features import load_features
     from .gallery import selection_writer
     from .recordio_index import image_records
     from .report import write_selection
@@ -148,7 +149,7 @@ def cmd_gallery(args):
 
 def cmd_conflicts(args):
     from .conflicts import find_conflicts, write_conflicts
-    from .extract import load_features
+    from .features import load_features
     from .recordio_index import image_records
     centers = guards.check_conflicts(args)
     feats, labels, keys, meta = load_features(args.features, args.rec)

@@ -110,7 +110,9 @@ class TinyNet(torch.nn.Module):
 def run_demo(work_dir=None, ratio=0.6, n_ids=40, seed=0, out=print):
     """Generates the set, extracts, selects at ``ratio`` and prints what was kept."""
     from .conflicts import find_identity_conflicts
-    from .extract import TorchModel, extract_features, load_features
+    from .extract import extract_features
+    from .features import load_features
+    from .models import TorchModel
     from .gallery import selection_writer
     from .recordio_index import image_records
     from .report import write_selection

@@ -60,7 +60,7 @@ def _summary(index):
 
 def check_index_dataset(index, rec_dir, keys):
     """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``."""
-    from .extract import _differences, dataset_provenance
+    from .provenance import dataset_provenance, differences
     path, info = _summary(index)
     if info is None:
         return
@@ -68,7 +68,7 @@ def check_index_dataset(index, rec_dir, keys):
     if isinstance(info.get("dataset"), dict):
         recorded = dict(info["dataset"])
         sample = recorded.pop("label_sample", None)
-        diff = _differences(recorded, dataset_provenance(rec_dir))
+        diff = differences(recorded, dataset_provenance(rec_dir))
         if diff:
             raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
         if isinstance(sample, dict):

@@ -5,7 +5,7 @@ face's cosine to its suppressor (the nearest kept face of its identity, :mod:`.s
 the threshold T drawn on it, and a sample of identities (the largest, the smallest of at least
 two faces, the most reduced), each with its kept faces and every shown dropped face beside its
 suppressor and their cosine. Thumbnails are decoded from ``train.rec`` as extract decodes them
-(:class:`.extract.RecordImages`), downscaled to ``THUMB`` px JPEG and embedded as data: URIs:
+(:class:`.decode.RecordImages`), downscaled to ``THUMB`` px JPEG and embedded as data: URIs:
 no script, font or style sheet is fetched, the page opens from disk.
 
 Size: at most ``PER_IDENTITY`` kept faces and ``PER_IDENTITY`` dropped pairs per identity are
@@ -116,7 +116,7 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
 
 
 def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
-    from .extract import RecordImages
+    from .decode import RecordImages
     from .recordio_index import rec_paths
     rec, _ = rec_paths(rec_dir)
     blocks, need = [], []
@@ -291,7 +291,7 @@ def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=
     """The page of any filtered index of ``rec_dir`` (select's, proxy-subset's, a random one), written
     atomically to ``out``; T is read from the selection summary beside the index when it is one of
     this dataset. Returns a one-line report."""
-    from .extract import load_features
+    from .features import load_features
     from .filter import _summary, check_index_dataset
     from .recordio_index import image_records, load_filtered_index
     feats, labels, fkeys, _ = load_features(feature_dir, rec_dir)

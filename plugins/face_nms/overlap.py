@@ -215,7 +215,8 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     import os
 
     from .eval_bin import read_bin
-    from .extract import load_features, load_model, model_origin
+    from .features import load_features
+    from .models import load_model, model_origin
     feats, labels, _, meta = load_features(feature_dir, rec_dir)
     check_same_model(feature_dir, meta, model_origin(checkpoint, network, embedding_size, onnx), checkpoint or onnx)
     bins = [read_bin(p) for p in bin_paths]

@@ -17,6 +17,7 @@ A filtered index is a standard MXNet ``.idx`` (``key<TAB>offset`` lines) listing
 records of the original ``train.rec``; DALI's mxnet reader reads it directly.
 """
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,6 +301,19 @@ def record_labels(rec, keys, offsets, chunk=CHUNK):
     """Identity labels (int64) of the image records at ``offsets`` of ``rec``, read in chunks of headers."""
     return np.concatenate([_labels(rec, keys[s:s + chunk], offsets[s:s + chunk])
                            for s in range(0, len(keys), chunk)])
+
+
+def read_record(f, offset, rec_path):
+    """The payload (IRHeader + image bytes) of the record at ``offset`` of the open .rec file ``f``."""
+    f.seek(offset)
+    head = f.read(8)
+    magic, lrec = struct.unpack("<II", head) if len(head) == 8 else (None, 0)
+    if magic != MAGIC:
+        raise RecordIOError(f"{rec_path}: no RecordIO record at offset {offset}; the .idx does not match")
+    if lrec >> 29:
+        raise RecordIOError(f"{rec_path}: record at offset {offset} is split into parts; repack the "
+                            f"dataset with im2rec or insightface's RecBuilder")
+    return f.read(lrec & ((1 << 29) - 1))
 
 
 def write_idx(path, keys, offsets, chunk=1 << 20):
