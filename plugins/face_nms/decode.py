@@ -42,4 +42,4 @@ class RecordImages(Dataset):
             self._f = open(self.rec_path, "rb")
         off = int(self.offsets[i])
         key = int(self.keys[i]) if self.keys is not None else None
-        return torch.from_numpy(decode_record(read_record(self._f, off, self.rec_path), self.rec_path, off, key))
+        return torch.from_numpy(decode_record(read_record(self._f, off, self.rec_path, key), self.rec_path, off, key))

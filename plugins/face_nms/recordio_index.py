@@ -11,7 +11,15 @@ Two layouts occur:
 Only the 36 bytes that start each record are read (RecordIO magic and length, then the
 ``IRHeader`` flag, label, id, id2 and the first extra label), never the image bytes, in
 chunks of records, so a 42.5M-record file is indexed in bounded memory. A record that is cut
-short, split into parts, without image bytes, or whose label is no identity id is refused by key.
+short, without image bytes, or whose label is no identity id is refused by key.
+
+A record whose bytes hold the magic word at a 4-byte-aligned offset is written by dmlc's
+RecordIO writer (mxnet, im2rec, RecBuilder) as several parts: the top 3 bits of each part's
+length word (``cflag``) say 0 whole, 1 first, 2 middle, 3 last; each part is padded to 4
+bytes and the magic word between two parts is left out. Such records are read as mxnet reads
+them: the parts joined with the magic word put back. They are rare (about one per 17 GB of
+JPEG records), so headers are peeked for all records at once and only those records walk
+their parts (docs/recordio.md).
 
 A filtered index is a standard MXNet ``.idx`` (``key<TAB>offset`` lines) listing some image
 records of the original ``train.rec``; DALI's mxnet reader reads it directly.
@@ -30,6 +38,9 @@ CHUNK = 1 << 20
 LABEL_LIMIT = 1 << 24
 _LONGEST_LINE = 4096  # an .idx line is two int64 numbers
 _REPACK = "repack the dataset (insightface's RecBuilder or im2rec)"
+_LENGTH = (1 << 29) - 1
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_CFLAG = {0: "a whole record", 1: "a first part", 2: "a middle part", 3: "a last part"}
 
 
 class RecordIOError(ValueError):
@@ -163,9 +174,60 @@ def _first_repeat(values):
     return np.flatnonzero(values == s[same[0]])[:2]
 
 
+def _where(key, offset):
+    return f"record key {key} (offset {offset})" if key is not None else f"record at offset {offset}"
+
+
+def _joined(f, offset, size, rec_path, key, want=None):
+    """(first ``want`` bytes of the payload, or all of it with ``want`` None; payload length) of the
+    multi-part record at ``offset``: its parts joined with the magic word between them, as
+    dmlc's RecordIOReader joins them. A chain that is cut short or incoherent is refused."""
+    where = _where(key, offset)
+    data, total, pos, part = [], 0, offset, 0
+    got = 0
+    while True:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            raise RecordIOError(f"{rec_path}: {where} is a multi-part record whose part {part + 1} (at offset {pos}) "
+                                f"lies past the end of the file ({size} bytes): train.rec is truncated; copy it again")
+        magic, lrec = struct.unpack("<II", head)
+        cflag, length = lrec >> 29, lrec & _LENGTH
+        if magic != MAGIC:
+            raise RecordIOError(f"{rec_path}: {where} is a multi-part record whose part {part + 1} (at offset {pos}) "
+                                f"has no RecordIO magic word: the file is corrupt; {_REPACK}")
+        if part == 0 and cflag != 1 or part > 0 and cflag not in (2, 3):
+            raise RecordIOError(f"{rec_path}: {where} is a multi-part record whose part {part + 1} (at offset {pos}) is "
+                                f"{_CFLAG.get(cflag, f'of unknown kind (cflag {cflag})')}: the chain of parts is "
+                                f"incoherent; train.idx does not belong to this train.rec or the file is corrupt")
+        end = pos + 8 + ((length + 3) & ~3)
+        if pos + 8 + length > size:
+            raise RecordIOError(f"{rec_path}: {where} is a multi-part record whose part {part + 1} (at offset {pos}, "
+                                f"{length} bytes) ends past the end of the file ({size} bytes): train.rec is "
+                                f"truncated; copy it again")
+        if part:
+            total += 4
+            if want is None or got < want:
+                data.append(_MAGIC_BYTES)
+                got += 4
+        total += length
+        if want is None or got < want:
+            n = length if want is None else min(length, want - got)
+            data.append(f.read(n))
+            got += n
+        if total > _LENGTH:
+            raise RecordIOError(f"{rec_path}: {where} is a multi-part record longer than RecordIO allows (2**29 "
+                                f"bytes): the file is corrupt; {_REPACK}")
+        if cflag == 3:
+            out = b"".join(data)
+            return (out if want is None else out[:want]), total
+        pos, part = end, part + 1
+
+
 def _peek(rec_path, keys, offsets, width=_PEEK):
     """(flag, payload bytes, first ``width`` bytes) of the records at ``offsets``, each checked to be a
-    whole single-part record inside the file whose header fits in it."""
+    whole record inside the file whose header fits in it. Bytes 8.. of a row are the first bytes of
+    the record's payload, its parts joined for a multi-part record."""
     try:
         size = os.path.getsize(rec_path)
         mm = np.memmap(rec_path, dtype=np.uint8, mode="r")
@@ -174,9 +236,9 @@ def _peek(rec_path, keys, offsets, width=_PEEK):
     pos = np.minimum(offsets[:, None] + np.arange(width), size - 1)
     raw = np.ascontiguousarray(mm[pos])
     del mm
-    words = raw[:, :12].copy().view("<u4")
-    magic, lrec, flag = words[:, 0], words[:, 1], words[:, 2]
-    length = (lrec & ((1 << 29) - 1)).astype(np.int64)
+    words = raw[:, :8].copy().view("<u4")
+    magic, lrec = words[:, 0], words[:, 1]
+    length = (lrec & _LENGTH).astype(np.int64)
 
     def first(bad):
         return int(keys[bad[0]]), int(offsets[bad[0]])
@@ -186,11 +248,20 @@ def _peek(rec_path, keys, offsets, width=_PEEK):
         k, o = first(bad)
         raise RecordIOError(f"{rec_path}: no RecordIO record at offset {o} (key {k} of train.idx, {len(bad)} such "
                             f"key(s)); train.idx does not belong to this train.rec or the file is corrupt")
-    bad = np.flatnonzero(lrec >> 29)
-    if len(bad):
-        k, o = first(bad)
-        raise RecordIOError(f"{rec_path}: record key {k} (offset {o}) is split into parts; {_REPACK}")
-    bad = np.flatnonzero(offsets + 8 + length > size)
+    parts = np.flatnonzero(lrec >> 29)
+    whole = np.ones(len(keys), bool)
+    if len(parts):
+        whole[parts] = False
+        try:
+            with open(rec_path, "rb") as f:
+                for i in parts.tolist():
+                    head, length[i] = _joined(f, int(offsets[i]), size, rec_path, int(keys[i]), width - 8)
+                    raw[i, 8:8 + len(head)] = np.frombuffer(head, np.uint8)
+        except OSError as exc:
+            raise RecordIOError(f"{rec_path} cannot be read ({exc.strerror}); check the file and its "
+                                f"permissions") from None
+    flag = raw[:, 8:12].copy().view("<u4")[:, 0]
+    bad = np.flatnonzero(whole & (offsets + 8 + length > size))
     if len(bad):
         k, o = first(bad)
         raise RecordIOError(f"{rec_path}: record key {k} (offset {o}, {int(length[bad[0]])} bytes) ends past the end "
@@ -303,17 +374,24 @@ def record_labels(rec, keys, offsets, chunk=CHUNK):
                            for s in range(0, len(keys), chunk)])
 
 
-def read_record(f, offset, rec_path):
-    """The payload (IRHeader + image bytes) of the record at ``offset`` of the open .rec file ``f``."""
+def read_record(f, offset, rec_path, key=None):
+    """The payload (IRHeader + image bytes) of the record at ``offset`` of the open .rec file ``f``,
+    as mxnet reads it: the parts of a multi-part record joined with the magic word between them.
+    ``key`` (its train.idx key) is named in the messages."""
     f.seek(offset)
     head = f.read(8)
     magic, lrec = struct.unpack("<II", head) if len(head) == 8 else (None, 0)
     if magic != MAGIC:
-        raise RecordIOError(f"{rec_path}: no RecordIO record at offset {offset}; the .idx does not match")
-    if lrec >> 29:
-        raise RecordIOError(f"{rec_path}: record at offset {offset} is split into parts; repack the "
-                            f"dataset with im2rec or insightface's RecBuilder")
-    return f.read(lrec & ((1 << 29) - 1))
+        raise RecordIOError(f"{rec_path}: no RecordIO record at offset {offset}"
+                            f"{f' (key {key})' if key is not None else ''}; the .idx does not match this train.rec")
+    cflag, length = lrec >> 29, lrec & _LENGTH
+    if cflag == 0:
+        data = f.read(length)
+        if len(data) < length:
+            raise RecordIOError(f"{rec_path}: {_where(key, offset)} ({length} bytes) ends past the end of the file: "
+                                f"train.rec is truncated; copy it again")
+        return data
+    return _joined(f, offset, os.fstat(f.fileno()).st_size, rec_path, key)[0]
 
 
 def write_idx(path, keys, offsets, chunk=1 << 20):
