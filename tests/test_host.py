@@ -233,7 +233,8 @@ def test_face_nms_filter_on_the_host_dataset(installed, small_rec, tmp_path):
         from easydict import EasyDict as edict
         from dataset import MXFaceDataset
         from plugins.registry import apply_dataset_filter
-        cfg = edict(rec={small_rec!r}, num_image=10 ** 9, dataset_filter="face_nms", face_nms=dict(index={idx!r}))
+        cfg = edict(rec={small_rec!r}, num_image=10 ** 9, dataset_filter="face_nms",
+                    face_nms=dict(index={idx!r}, trust_index=True))  # written here, without a summary
         ds = apply_dataset_filter(cfg, MXFaceDataset(root_dir=cfg.rec, local_rank=0))
         labels = [int(ds[i][1]) for i in range(len(ds))]
         shapes = sorted({{tuple(ds[i][0].shape) for i in range(3)}})
@@ -293,7 +294,7 @@ from plugins.registry import build_lr_scheduler, step_lr_scheduler, log_lr_sched
 cfg = get_config("configs/ms1mv3_r100_fastface.py")
 cfg.rec, cfg.network, cfg.batch_size, cfg.num_classes, cfg.fp16 = REC, "r18", 8, NUM_CLASSES, False
 cfg.num_image, cfg.num_epoch, cfg.lr = 10 ** 9, 1, 0.1
-cfg.dataset_filter, cfg.face_nms = "face_nms", dict(index=INDEX)
+cfg.dataset_filter, cfg.face_nms = "face_nms", dict(index=INDEX, trust_index=True)  # an index without a summary
 cfg.fastface = dict(threshold=1e9, tolerance=0.01, max_decays=3, reference_start=True)  # T = 0: decays visible
 loader = get_dataloader(cfg.rec, "cpu", cfg.batch_size, False, False, cfg.seed, 0, cfg=cfg)
 cfg.total_step = cfg.num_image // cfg.batch_size * cfg.num_epoch

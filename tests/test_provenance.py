@@ -75,8 +75,11 @@ def test_meta_records_dataset_and_model(rec_dir, tmp_path):
     prov = json.load(open(os.path.join(out, "meta.json")))["provenance"]
     import hashlib
     idx_digest = hashlib.sha256(open(os.path.join(rec_dir, "train.idx"), "rb").read()).hexdigest()
-    assert prov["dataset"] == {"train_idx_sha256": idx_digest,
-                               "train_rec_bytes": os.path.getsize(os.path.join(rec_dir, "train.rec"))}
+    st = os.stat(os.path.join(rec_dir, "train.rec"))
+    sample = prov["dataset"].pop("train_rec_sample_sha256")
+    assert prov["dataset"] == {"train_idx_sha256": idx_digest, "train_rec_bytes": st.st_size,
+                               "train_rec_mtime_ns": st.st_mtime_ns}
+    assert len(sample) == 64 and int(sample, 16) >= 0
     assert prov["flip"] is True and prov["model"]["module"] == "TinyNet"
     assert prov["model"]["weights_sha256"] != model(seed=1).provenance()["weights_sha256"]
     assert sorted(os.listdir(out)) == OWN
@@ -211,13 +214,21 @@ def test_load_features_refuses_another_dataset(rec_dir, other_rec, relabelled, t
     assert np.array_equal(read_index(other_rec).keys, keys)  # the keys alone would match
     with pytest.raises(ValueError, match=r"not extracted from .*other.*train.idx"):
         load_features(out, other_rec)
-    # same train.idx, same size, other labels
+    # same train.idx, same size, other labels: the sampled records differ
     assert open(os.path.join(relabelled, "train.idx")).read() == open(os.path.join(rec_dir, "train.idx")).read()
-    with pytest.raises(ValueError, match=r"labels differ"):
+    with pytest.raises(ValueError, match=r"relabelled.*: train_rec_sample_sha256 \("):
         load_features(out, relabelled)
-    # an extraction that recorded no provenance: keys and every label compared
+    # an extraction recorded before the sampled digest: the recorded fields and a label sample compared
     meta_path = os.path.join(out, "meta.json")
     meta = json.load(open(meta_path))
+    for k in ("train_rec_sample_sha256", "train_rec_mtime_ns"):
+        del meta["provenance"]["dataset"][k]
+    json.dump(meta, open(meta_path, "w"))
+    load_features(out, rec_dir)
+    with pytest.raises(ValueError, match=r"labels differ for \d+ of \d+ rows compared \(record \d+: \d+ in labels.npy, "
+                                         r"\d+ in train.rec\)"):
+        load_features(out, relabelled)
+    # an extraction that recorded no provenance: keys and every label compared
     del meta["provenance"]
     json.dump(meta, open(meta_path, "w"))
     load_features(out, rec_dir)
@@ -229,7 +240,7 @@ def test_select_refuses_features_of_a_relabelled_dataset(rec_dir, relabelled, tm
     out = extract(rec_dir, tmp_path / "f")
     code, msg = run_cli(["select", "--features", out, "--rec", relabelled, "--ratio", "0.6",
                          "--out", str(tmp_path / "sel.idx")], capsys)
-    assert code != 0 and "labels differ" in msg and "Traceback" not in msg
+    assert code != 0 and "train_rec_sample_sha256" in msg and "Traceback" not in msg
     assert not (tmp_path / "sel.idx").exists()
 
 
@@ -263,7 +274,13 @@ def test_face_nms_filter_refuses_an_index_of_another_dataset(rec_dir, relabelled
         return face_nms_filter(Cfg(rec=rec, dataset_filter="face_nms", face_nms=dict(index=idx)), ds)
 
     assert len(run(rec_dir).imgidx) == json.load(open(tmp_path / "sel.json"))["kept"]
-    with pytest.raises(ValueError, match=r"sel.idx .*labels"):
+    with pytest.raises(ValueError, match=r"sel.idx .*train_rec_sample_sha256"):
+        run(relabelled)
+    # a summary recorded before the sampled digest: the label sample catches the relabelling
+    info = json.load(open(tmp_path / "sel.json"))
+    del info["dataset"]["train_rec_sample_sha256"]
+    (tmp_path / "sel.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"sel.idx .*labels differ \(\d+ of \d+ sampled records; key \d+: \d+ in "):
         run(relabelled)
 
 

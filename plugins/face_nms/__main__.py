@@ -48,7 +48,10 @@ def cmd_stats(args):
     index = read_index(args.rec)
     labels = index.labels
     if args.index:
-        labels = labels[np.isin(index.keys, load_filtered_index(args.index, args.rec))]
+        from .filter import check_index_dataset
+        kept = load_filtered_index(args.index, args.rec)
+        check_index_dataset(args.index, args.rec, kept)
+        labels = labels[np.isin(index.keys, kept)]
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
     print(f"dataset      {os.path.abspath(args.rec)} ({index.layout} layout)")
@@ -61,15 +64,15 @@ def cmd_stats(args):
 
 
 def cmd_proxy_subset(args):
-    from .proxy_subset import random_subset
-    from .recordio_index import read_index, write_idx
+    from .proxy_subset import write_proxy_subset
+    from .recordio_index import read_index
     guards.check_proxy_subset(args)
     index = read_index(args.rec)
-    rows = random_subset(index.labels, args.ratio, args.seed)
-    with guards.writing(args.out):
-        write_idx(args.out, index.keys[rows], index.offsets[rows])
+    with guards.writing(f"{args.out} or its summary"):
+        rows = write_proxy_subset(args.out, args.rec, index, args.ratio, args.seed)
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
-          f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}")
+          f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}; summary "
+          f"{os.path.splitext(args.out)[0]}.json")
 
 
 def cmd_extract(args):

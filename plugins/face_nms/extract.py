@@ -6,8 +6,8 @@ Output folder:
   (memory-map it with ``np.load(path, mmap_mode="r")``);
 * ``keys.npy`` and ``labels.npy``: the record key and identity label of each row;
 * ``meta.json``: model, dataset, count, dimension, flip, and ``provenance``: what the rows were
-  made from (the dataset's train.idx digest and train.rec size; the model's file or weights
-  digest, network and embedding size; flip). A folder of another provenance is never resumed
+  made from (the dataset's train.idx digest, train.rec size, sampled-records digest and mtime,
+  :mod:`.provenance`; the model's file or weights digest, network and embedding size; flip). A folder of another provenance is never resumed
   or reused: ``overwrite=True`` (``--overwrite``) starts again.
 
 Only names of :data:`OWN` are ever written in the folder, and a folder holding anything else is
@@ -36,7 +36,7 @@ from .decode import RecordImages
 from .features import META_KEYS
 from .locks import FolderLock
 from .models import Ready, first_line
-from .provenance import dataset_provenance, differences, model_provenance
+from .provenance import dataset_provenance, differences, model_provenance, provenance_differences
 from .recordio_index import RecordIOError, read_index, rec_paths
 
 OWN = ("features.npy", "features.npy.partial", "keys.npy", "labels.npy", "meta.json", "run.json")
@@ -150,7 +150,7 @@ def _remove_ours(out_dir, everything):
             shutil.rmtree(path)
 
 
-def _prepare(rec_dir, out_dir, model, flip, run, overwrite):
+def _prepare(rec_dir, out_dir, model, flip, run, overwrite, log=None):
     """Rank 0's checks and set-up under the folder's lock; returns (lock, finished, index)."""
     _check_ours(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -161,13 +161,13 @@ def _prepare(rec_dir, out_dir, model, flip, run, overwrite):
         final, meta_path, run_path = (os.path.join(out_dir, n) for n in ("features.npy", "meta.json", "run.json"))
         again = "give another --out, or add --overwrite to replace it"
         if os.path.exists(final) and os.path.exists(meta_path):
-            diff = differences(_read_json(meta_path).get("provenance"), run["provenance"])
+            diff = provenance_differences(_read_json(meta_path).get("provenance"), run["provenance"], rec_dir, log)
             if diff:
                 raise ValueError(f"{out_dir} holds a finished extraction of other inputs: {'; '.join(diff)}; {again}")
             return lock, True, None
         if os.path.exists(run_path):
             previous = _read_json(run_path)
-            diff = differences(previous.get("provenance"), run["provenance"]) or \
+            diff = provenance_differences(previous.get("provenance"), run["provenance"], rec_dir, log) or \
                 differences({k: v for k, v in previous.items() if k != "provenance"},
                              {k: v for k, v in run.items() if k != "provenance"})
             if diff:
@@ -229,7 +229,7 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
             run = {"provenance": {"dataset": dataset_provenance(rec_dir), "model": model_provenance(model),
                                   "flip": bool(flip)},
                    "chunk_rows": int(chunk_rows), "batch_size": int(batch_size)}
-            lock, finished, index = _prepare(rec_dir, out_dir, model, flip, run, overwrite)
+            lock, finished, index = _prepare(rec_dir, out_dir, model, flip, run, overwrite, log)
             outcome = finished
         except Exception as exc:
             outcome = exc

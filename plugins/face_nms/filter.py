@@ -14,10 +14,12 @@ reader reads the same index file (``cfg.train_idx``).
 keeps a random per-identity sample instead (the baseline of the paper's comparison); its
 index file is written to ``cfg.output``.
 
-A filtered index must belong to ``config.rec``: every key at the same offset, and, where
-``select`` wrote its summary (``<index>.json``) beside it, the dataset recorded there (train.idx
-digest, train.rec size and the labels of a sample of kept records) or, for a summary without
-one, the per-identity counts it reports, recomputed from the labels of ``config.rec``.
+A filtered index must belong to ``config.rec``: every key at the same offset, and its summary
+(``<index>.json``, written beside it by every face_nms command that writes an index) must match:
+the dataset recorded there (train.idx digest, train.rec size, sampled-records digest and the
+labels of a sample of kept records) or, for a summary without one, the per-identity counts it
+reports, recomputed from the labels of ``config.rec``. An index without a summary is refused
+unless ``config.face_nms = dict(index=..., trust_index=True)`` (an index written by other tools).
 """
 import json
 import os
@@ -27,6 +29,7 @@ import numpy as np
 from ..registry import register_dataset_filter
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
+from .summaries import read_summary
 
 
 def _options(cfg):
@@ -47,78 +50,89 @@ def _restrict(cfg, dataset, keys, index_path):
 
 
 def _summary(index):
-    path = os.path.splitext(index)[0] + ".json"
-    if not os.path.exists(path):
-        return path, None
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} (the summary of {index}) cannot be read ({exc}); select again") from None
-    return path, info if isinstance(info, dict) else {}
+    """(path, checked summary or None) of the summary beside ``index`` (:func:`.summaries.read_summary`)."""
+    return read_summary(index)
 
 
-def check_index_dataset(index, rec_dir, keys):
-    """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``."""
-    from .provenance import dataset_provenance, differences
+def check_index_dataset(index, rec_dir, keys, require=False):
+    """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``;
+    with ``require``, also an index without a summary (nothing to check it against)."""
+    from .provenance import dataset_differences, note
     path, info = _summary(index)
     if info is None:
+        if require:
+            raise RecordIOError(f"filtered index {index} has no summary {path} beside it, so nothing says it was "
+                                f"selected from {rec_dir}: write the index with a face_nms command (select, "
+                                f"proxy-subset, conflicts --drop, overlap --exclude), or set config.face_nms = "
+                                f"dict(index=..., trust_index=True) to train on it unchecked")
         return
     other = f"filtered index {index} was not selected from {rec_dir}"
     if isinstance(info.get("dataset"), dict):
         recorded = dict(info["dataset"])
         sample = recorded.pop("label_sample", None)
-        diff = differences(recorded, dataset_provenance(rec_dir))
+        diff, informs = dataset_differences(recorded, rec_dir)
         if diff:
             raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
+        if informs:
+            note(informs, rec_dir)
         if isinstance(sample, dict):
             _check_label_sample(index, rec_dir, sample, other, path)
         return
     if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
+        if require:
+            raise RecordIOError(f"{path} (the summary of {index}) records neither the dataset nor the kept counts, so "
+                                f"nothing says the index was selected from {rec_dir}: write the index again with a "
+                                f"face_nms command, or set config.face_nms = dict(index=..., trust_index=True)")
         return
     from .report import kept_histogram
     full = read_index(rec_dir)
     hist = {str(v): c for v, c in kept_histogram(full.labels, np.isin(full.keys, keys)).items()}
-    recorded = {str(k): int(v) for k, v in info["kept_per_identity_histogram"].items()}
+    recorded = {str(int(k)): v for k, v in info["kept_per_identity_histogram"].items()}
     if info["total"] != len(full) or info["kept"] != len(keys) or hist != recorded:
-        raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces and per-identity "
-                            f"kept counts {_short(recorded)}; {rec_dir} gives {len(full)} faces and "
-                            f"{_short(hist)}); select again from features of this dataset")
+        raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces, {info['kept']} kept, "
+                            f"per-identity kept counts {_short(recorded, hist)}; {rec_dir} gives {len(full)} faces, "
+                            f"{len(keys)} kept, {_short(hist, recorded)}); select again from features of this dataset")
 
 
 def _check_label_sample(index, rec_dir, sample, other, path):
+    from .provenance import exact
     rec, _ = rec_paths(rec_dir)
     idx_keys, idx_offsets = read_idx(index)
-    want_keys = np.asarray(sample.get("keys", []), np.int64)
-    want = np.asarray(sample.get("labels", []), np.int64)
-    pos = np.searchsorted(idx_keys, want_keys, sorter=np.argsort(idx_keys, kind="stable"))
+    want_keys = np.asarray(sample["keys"], np.int64)
+    want = sample["labels"]
     order = np.argsort(idx_keys, kind="stable")
-    if len(want_keys) != len(want) or np.any(pos >= len(idx_keys)) or \
-            not np.array_equal(idx_keys[order[np.minimum(pos, len(idx_keys) - 1)]], want_keys):
+    pos = np.minimum(np.searchsorted(idx_keys, want_keys, sorter=order), max(len(idx_keys) - 1, 0))
+    if not len(idx_keys) or not np.array_equal(idx_keys[order[pos]], want_keys):
         raise RecordIOError(f"{other}: {path} lists sampled keys that {index} does not; select again")
-    now = record_labels(rec, want_keys, idx_offsets[order[pos]])
-    wrong = np.flatnonzero(now != want)
-    if len(wrong):
+    now = record_labels(rec, want_keys, idx_offsets[order[pos]]).tolist()
+    wrong = [i for i, (a, b) in enumerate(zip(want, now)) if a != b]
+    if wrong:
         k = wrong[0]
         raise RecordIOError(f"{other}: its labels differ ({len(wrong)} of {len(want)} sampled records; key "
-                            f"{int(want_keys[k])}: {int(want[k])} in {path}, {int(now[k])} in {rec}); select again "
+                            f"{int(want_keys[k])}: {exact(want[k])} in {path}, {exact(now[k])} in {rec}); select again "
                             f"from features of this dataset")
 
 
-def _short(hist, k=4):
+def _short(hist, other=None, k=4):
+    """Up to ``k`` entries of a histogram, those that differ from ``other`` first."""
     items = sorted(hist.items(), key=lambda kv: int(kv[0]))
+    if other is not None:
+        items = [kv for kv in items if other.get(kv[0]) != kv[1]] + [kv for kv in items if other.get(kv[0]) == kv[1]]
     return "{" + ", ".join(f"{a}: {b}" for a, b in items[:k]) + (", ...}" if len(items) > k else "}")
 
 
 @register_dataset_filter("face_nms")
 def face_nms_filter(cfg, dataset):
     """Keeps the records listed in ``config.face_nms['index']`` (written by ``face_nms select``)."""
-    index = _options(cfg).get("index")
+    opts = _options(cfg)
+    index, trust = opts.get("index"), opts.get("trust_index", False)
     if not index:
         raise ValueError("config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          "plugins.face_nms select`)")
+    if not isinstance(trust, bool):
+        raise ValueError(f"config.face_nms['trust_index'] must be True or False, got {trust!r}")
     keys = load_filtered_index(index, cfg.rec)
-    check_index_dataset(index, cfg.rec, keys)
+    check_index_dataset(index, cfg.rec, keys, require=not trust)
     return _restrict(cfg, dataset, keys, index)
 
 

@@ -250,7 +250,10 @@ def check_stats(args):
 
 def check_proxy_subset(args):
     rec_folder(args.rec)
-    refuse_replacing([args.out], dataset_files(args.rec))
+    summary = os.path.splitext(args.out)[0] + ".json"
+    if os.path.normcase(os.path.abspath(args.out)) == os.path.normcase(os.path.abspath(summary)):
+        raise UsageError(f"--out {args.out} would be replaced by its own summary {summary}; name the index with .idx")
+    refuse_replacing([args.out, summary], dataset_files(args.rec))
     writable_file(args.out)
 
 

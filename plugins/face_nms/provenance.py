@@ -2,16 +2,27 @@
 
 Recorded at extraction (meta.json ``provenance``) and compared by every later reader, so a result is
 never combined with the records or the model of another run.
+
+A dataset is identified by train.idx's digest (keys and offsets), train.rec's size, and a digest of
+``RECORD_SAMPLE`` records spread over train.idx (their index lines and payloads: a few MB read, so a
+rewrite of records in place, same sizes and same index, is seen). train.rec's modification time is
+recorded too but only informs: a copy without ``-p`` changes it and nothing else, so when every
+digest matches a changed mtime is accepted and said so (logged); when something else differs it is
+named beside the rest (docs/provenance.md). Fields an older record lacks are not compared.
 """
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
 
-from .recordio_index import image_records, rec_paths, record_labels
+from .recordio_index import RecordIOError, image_records, read_record, rec_paths, record_labels
 
 LABEL_SAMPLE = 4096
+RECORD_SAMPLE = 256  # records read for train_rec_sample_sha256: a few MB, well under a second at 42M records
+INFORMS = ("train_rec_mtime_ns",)  # recorded and shown, never a reason to refuse by itself
+_LINE_WINDOW = 8192  # bytes of train.idx read to find one line (an .idx line is two int64 numbers)
 
 
 def file_sha256(path, what="file"):
@@ -27,10 +38,88 @@ def file_sha256(path, what="file"):
                          f"permissions") from None
 
 
-def dataset_provenance(rec_dir):
-    """What identifies a dataset's records: train.idx content (streamed digest) and train.rec size."""
+def dataset_provenance(rec_dir, samples=RECORD_SAMPLE):
+    """What identifies a dataset's records: train.idx's digest (streamed), train.rec's size, a digest of
+    ``samples`` records spread over train.idx (:func:`record_sample_digest`) and train.rec's mtime."""
     rec, idx = rec_paths(rec_dir)
-    return {"train_idx_sha256": file_sha256(idx, "index"), "train_rec_bytes": os.path.getsize(rec)}
+    st = os.stat(rec)
+    return {"train_idx_sha256": file_sha256(idx, "index"), "train_rec_bytes": st.st_size,
+            "train_rec_sample_sha256": record_sample_digest(rec, idx, samples),
+            "train_rec_mtime_ns": st.st_mtime_ns}
+
+
+def record_sample_digest(rec, idx, samples=RECORD_SAMPLE):
+    """:func:`sampled_digest` of the train.idx lines at ``samples`` byte positions spread evenly over
+    train.idx, each with the payload of the record it points to (joined as mxnet reads it): no parse
+    of train.idx, one short read of it and one of train.rec per sample."""
+    size = os.path.getsize(idx)
+    try:
+        with open(idx, "rb") as fi, open(rec, "rb") as fr:
+            def read(i):
+                line = _line_at(fi, i, size, idx)
+                key, offset = line.split()
+                return line + read_record(fr, int(offset), rec, int(key))
+            return sampled_digest(read, size, samples)
+    except OSError as exc:
+        raise RecordIOError(f"{rec} or {idx} cannot be read ({exc.strerror}); check the files and their "
+                            f"permissions") from None
+
+
+def _line_at(f, pos, size, idx):
+    """The first whole line of ``f`` that starts at or after byte ``pos`` (the first line of the file
+    when ``pos`` falls in the last one)."""
+    start = pos
+    if pos:
+        f.seek(pos - 1)
+        block = f.read(_LINE_WINDOW)
+        cut = block.find(b"\n")
+        start = pos + cut if cut >= 0 and pos + cut < size else 0
+    f.seek(start)
+    line = f.read(_LINE_WINDOW).split(b"\n", 1)[0]
+    fields = line.split()
+    if len(fields) != 2 or not all(x.lstrip(b"-").isdigit() for x in fields):
+        raise RecordIOError(f"{idx}: the line at byte {start} ({line[:40].decode('utf-8', 'replace')!r}) is not "
+                            f"'key<TAB>offset' with integers: the file is not an MXNet index file; restore the "
+                            f"train.idx packed with this train.rec")
+    return line.strip()
+
+
+def dataset_differences(recorded, rec_dir, now=None):
+    """(refusing, informing): ``name (then, now)`` of the recorded dataset fields that differ from
+    ``rec_dir`` now. Only fields present in both are compared (an older record lacks some); a
+    field of :data:`INFORMS` alone never refuses, and is named among the refusing ones when
+    something else differs."""
+    now = dataset_provenance(rec_dir) if now is None else now
+    if not isinstance(recorded, dict):
+        return differences(recorded, now, "dataset."), []
+    both = {k: recorded[k] for k in recorded if k in now}
+    diff = differences(both, {k: now[k] for k in both})
+    informs = [d for d in diff if d.split(" ", 1)[0] in INFORMS]
+    refusing = [d for d in diff if d.split(" ", 1)[0] not in INFORMS]
+    return (refusing + informs, []) if refusing else ([], informs)
+
+
+def provenance_differences(old, new, rec_dir=None, log=None):
+    """``differences`` of two provenance records, their ``dataset`` compared by :func:`dataset_differences`
+    (``new["dataset"]`` being the dataset now); a dataset that differs only by :data:`INFORMS` is
+    accepted and ``log`` (or the ``face_nms`` logger) told why."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return differences(old, new)
+    rest = differences({k: v for k, v in old.items() if k != "dataset"},
+                       {k: v for k, v in new.items() if k != "dataset"})
+    if "dataset" not in old or "dataset" not in new:
+        return rest + differences(old.get("dataset"), new.get("dataset"), "dataset.")
+    refusing, informs = dataset_differences(old["dataset"], rec_dir, new["dataset"])
+    if informs and not refusing and not rest:
+        note(informs, rec_dir, log)
+    return rest + [f"dataset.{d}" for d in refusing]
+
+
+def note(informs, rec_dir, log=None):
+    """Says that a dataset is taken for the recorded one although its mtime changed."""
+    line = (f"{rec_dir}: {'; '.join(informs)}, but train.idx, train.rec's size and its sampled records match "
+            f"the recorded ones: taken for the same dataset (a copy that did not keep the mtime)")
+    (log or logging.getLogger("face_nms").warning)(line)
 
 
 def model_provenance(model):
@@ -49,8 +138,21 @@ def differences(old, new, prefix=""):
     def show(v):
         if v is None or isinstance(v, dict):
             return "not recorded" if v is None else "recorded"
-        return v[:12] + "..." if isinstance(v, str) and len(v) > 16 else json.dumps(v)
+        if isinstance(v, str) and len(v) > 16:
+            return json.dumps(v[:12] + "...")
+        return json.dumps(v) if isinstance(v, (str, bool, int, float, list)) else repr(v)
     return [f"{prefix.rstrip('.') or 'provenance'} ({show(old)} then, {show(new)} now)"]
+
+
+def exact(v):
+    """A label as it is stored: an integer as one, anything else by its repr (3 and 3.0 differ)."""
+    if isinstance(v, (bool, np.bool_)):
+        return repr(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return repr(v)
 
 
 def check_dataset(feature_dir, meta, rec_dir, labels, keys):
@@ -62,9 +164,11 @@ def check_dataset(feature_dir, meta, rec_dir, labels, keys):
     recorded = (meta.get("provenance") or {}).get("dataset")
     other = f"features in {feature_dir} were not extracted from {rec_dir}"
     if recorded is not None:
-        diff = differences(recorded, dataset_provenance(rec_dir))
+        diff, informs = dataset_differences(recorded, rec_dir)
         if diff:
             raise ValueError(f"{other}: {'; '.join(diff)}; extract features of this dataset")
+        if informs:
+            note(informs, rec_dir)
     _, rec_keys, rec_offsets = image_records(rec_dir)
     if not np.array_equal(rec_keys, keys):
         raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} image records of "
@@ -78,7 +182,7 @@ def check_dataset(feature_dir, meta, rec_dir, labels, keys):
     if len(wrong):
         k = int(rows[wrong[0]])
         raise ValueError(f"{other}: labels differ for {len(wrong)} of {len(rows)} rows compared (record "
-                         f"{int(keys[k])}: {int(labels[k])} in labels.npy, {now[wrong[0]]:g} in train.rec); "
+                         f"{int(keys[k])}: {exact(labels[k])} in labels.npy, {exact(now[wrong[0]])} in train.rec); "
                          f"extract features of this dataset")
 
 

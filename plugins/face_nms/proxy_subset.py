@@ -48,3 +48,26 @@ def random_subset(labels, ratio=None, seed=0, quota=None):
         quota = per_identity_quota(np.bincount(labels), ratio)
     keys = np.random.default_rng(seed).random(len(labels))
     return np.flatnonzero(rank_within_identity(labels, keys) < quota[labels])
+
+
+def write_proxy_subset(out, rec_dir, index, ratio, seed):
+    """Writes the proxy subset of ``index`` (a RecordIndex of ``rec_dir``) to ``out`` with its summary
+    ``<stem>.json`` (the dataset's provenance, counts, a label sample: what the training filter checks),
+    as one set. Returns the kept rows."""
+    import json
+    import os
+
+    from .files import output_set
+    from .provenance import dataset_provenance
+    from .recordio_index import write_idx
+    from .report import index_summary
+    rows = random_subset(index.labels, ratio, seed)
+    keep = np.zeros(len(index), bool)
+    keep[rows] = True
+    info = index_summary(index.labels, keep, index.keys, dataset_provenance(rec_dir),
+                         method="proxy-subset (random per identity)", ratio=ratio, seed=seed)
+    with output_set([out, os.path.splitext(out)[0] + ".json"]) as (tmp_idx, tmp_json):
+        write_idx(tmp_idx, index.keys[rows], index.offsets[rows])
+        with open(tmp_json, "w") as f:
+            json.dump(info, f, indent=1)
+    return rows
