@@ -92,11 +92,23 @@ def dataset_differences(recorded, rec_dir, now=None):
     now = dataset_provenance(rec_dir) if now is None else now
     if not isinstance(recorded, dict):
         return differences(recorded, now, "dataset."), []
-    both = {k: recorded[k] for k in recorded if k in now}
-    diff = differences(both, {k: now[k] for k in both})
-    informs = [d for d in diff if d.split(" ", 1)[0] in INFORMS]
-    refusing = [d for d in diff if d.split(" ", 1)[0] not in INFORMS]
+    both = [k for k in recorded if k in now]
+    refusing = differences({k: recorded[k] for k in both if k not in INFORMS},
+                           {k: now[k] for k in both if k not in INFORMS})
+    informs = [f"{k} ({_when(recorded[k])} then, {_when(now[k])} now)" for k in both
+               if k in INFORMS and recorded[k] != now[k]]
     return (refusing + informs, []) if refusing else ([], informs)
+
+
+def _when(ns):
+    """An mtime in ns as a UTC time, to the microsecond."""
+    import datetime
+    if not isinstance(ns, int) or isinstance(ns, bool):
+        return json.dumps(ns) if isinstance(ns, (str, float, list)) else repr(ns)
+    try:
+        return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+    except (OverflowError, OSError, ValueError):
+        return str(ns)
 
 
 def provenance_differences(old, new, rec_dir=None, log=None):
@@ -139,7 +151,7 @@ def differences(old, new, prefix=""):
         if v is None or isinstance(v, dict):
             return "not recorded" if v is None else "recorded"
         if isinstance(v, str) and len(v) > 16:
-            return json.dumps(v[:12] + "...")
+            return v[:12] + "..."
         return json.dumps(v) if isinstance(v, (str, bool, int, float, list)) else repr(v)
     return [f"{prefix.rstrip('.') or 'provenance'} ({show(old)} then, {show(new)} now)"]
 

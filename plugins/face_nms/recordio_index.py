@@ -236,8 +236,8 @@ def _peek(rec_path, keys, offsets, width=_PEEK):
     pos = np.minimum(offsets[:, None] + np.arange(width), size - 1)
     raw = np.ascontiguousarray(mm[pos])
     del mm
-    words = raw[:, :8].copy().view("<u4")
-    magic, lrec = words[:, 0], words[:, 1]
+    words = raw[:, :12].copy().view("<u4")
+    magic, lrec, flag = words[:, 0], words[:, 1], words[:, 2]
     length = (lrec & _LENGTH).astype(np.int64)
 
     def first(bad):
@@ -257,10 +257,10 @@ def _peek(rec_path, keys, offsets, width=_PEEK):
                 for i in parts.tolist():
                     head, length[i] = _joined(f, int(offsets[i]), size, rec_path, int(keys[i]), width - 8)
                     raw[i, 8:8 + len(head)] = np.frombuffer(head, np.uint8)
+                    flag[i] = struct.unpack("<I", raw[i, 8:12].tobytes())[0]
         except OSError as exc:
             raise RecordIOError(f"{rec_path} cannot be read ({exc.strerror}); check the file and its "
                                 f"permissions") from None
-    flag = raw[:, 8:12].copy().view("<u4")[:, 0]
     bad = np.flatnonzero(whole & (offsets + 8 + length > size))
     if len(bad):
         k, o = first(bad)
