@@ -25,13 +25,32 @@ INFORMS = ("train_rec_mtime_ns",)  # recorded and shown, never a reason to refus
 _LINE_WINDOW = 8192  # bytes of train.idx read to find one line (an .idx line is two int64 numbers)
 
 
-def file_sha256(path, what="file"):
-    """Hex SHA-256 of a file's content, read in blocks."""
+def file_sha256(path, what="file", block=4 << 20):
+    """Hex SHA-256 of a file's content. A thread reads the next blocks while this one hashes (both
+    release the GIL), so a cold file costs about max(read, hash), not their sum."""
+    import queue
+    import threading
+    blocks, failed = queue.Queue(maxsize=4), []
+
+    def reader(f):
+        try:
+            for data in iter(lambda: f.read(block), b""):
+                blocks.put(data)
+        except OSError as exc:
+            failed.append(exc)
+        finally:
+            blocks.put(None)
+
     try:
         h = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            t = threading.Thread(target=reader, args=(f,), daemon=True)
+            t.start()
+            for data in iter(blocks.get, None):
+                h.update(data)
+            t.join()
+        if failed:
+            raise failed[0]
         return h.hexdigest()
     except OSError as exc:
         raise ValueError(f"{what} {path} cannot be read ({exc.strerror}); check the path and its "
