@@ -364,3 +364,14 @@ def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_wa
     assert all(w in err[0] for w in words), err
     assert not os.path.exists(out) and not os.path.exists(idx)
     assert before == {p: open(p, "rb").read() for p in before}
+
+
+def test_bin_importing_a_numpy_submodule_is_refused_through_the_command(world, tmp_path, capsys):
+    # 28 bytes whose import would run f2py on this program's command line (and exit 0 without a report)
+    bad = tmp_path / "f2py.bin"
+    bad.write_bytes(b"cnumpy.f2py.__main__\ndtype\n.")
+    assert len(bad.read_bytes()) == 28
+    status, err = cli(overlap(world, "--out", str(tmp_path / "o.json"), bins=[world.lfw, str(bad)]), capsys)
+    assert status == 1 and len(err) == 1, err
+    assert f"--bin {bad} is not an evaluation .bin pickle: it asks for numpy.f2py.__main__.dtype" in err[0], err
+    assert "numpy.f2py.__main__" not in __import__("sys").modules and not os.path.exists(tmp_path / "o.json")
