@@ -511,3 +511,32 @@ def test_process_hitting_the_file_size_limit(data, tmp_path):
     assert line.startswith("face_nms select: error:") and "File too large" in line and "ulimit" in line, line
     assert "Traceback" not in r.stderr and ".tmp-" not in line
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def _mapped(pid, name):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["numpy mapped", "torch importing", "0.3 s", "0.8 s", "1.5 s"])
+def test_sigint_in_the_first_moments_is_one_line_and_status_130(data, tmp_path, moment):
+    """Ctrl-C while the interpreter imports numpy and torch, or parses the command line."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    argv = select(data, "--out", str(tmp_path / "s.idx"))
+    p = subprocess.Popen([sys.executable, "-m", "plugins.face_nms", *argv], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    wait_for = {"numpy mapped": "_multiarray_umath", "torch importing": "libtorch_cpu"}.get(moment)
+    while p.poll() is None and time.monotonic() - start < 60:
+        if wait_for and _mapped(p.pid, wait_for) or not wait_for and time.monotonic() - start >= float(moment[:3]):
+            break
+        time.sleep(0.002)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0 and "wrote" in out:
+        pytest.skip("the command finished before the signal arrived")
+    assert (p.returncode, err) == (130, "interrupted\n"), (moment, p.returncode, err[-3000:])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]

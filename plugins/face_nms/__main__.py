@@ -1,13 +1,25 @@
 """python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,demo}"""
-import argparse
-import copy
 import os
 import signal
 import sys
 
-import numpy as np
 
-from . import guards
+def _interrupted_early(signum, frame):
+    # Ctrl-C (or SIGTERM) while numpy and torch import or the command line is parsed: nothing to clean up yet
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # before the heavy imports
+    signal.signal(signal.SIGINT, _interrupted_early)
+    signal.signal(signal.SIGTERM, _interrupted_early)
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import guards  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -309,8 +321,12 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     name = f"face_nms {args.command}"
-    previous = signal.signal(signal.SIGTERM, _terminated) if argv is None else None
+    previous = None
     try:
+        if argv is None:
+            # the command runs: Ctrl-C and SIGTERM unwind, so that temporary files are removed on the way out
+            previous = signal.signal(signal.SIGTERM, _terminated)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return args.func(args)
     except guards.UsageError as exc:
         p.exit(2, f"{name}: error: {guards.describe(exc)}\n")
