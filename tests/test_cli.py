@@ -1,5 +1,6 @@
 """The command line: outputs never replace inputs, and every mistake gets one line and an exit status."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -540,3 +541,30 @@ def test_sigint_in_the_first_moments_is_one_line_and_status_130(data, tmp_path, 
         pytest.skip("the command finished before the signal arrived")
     assert (p.returncode, err) == (130, "interrupted\n"), (moment, p.returncode, err[-3000:])
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("name,dtype", [("features.npy", ">f2"), ("features.npy", ">f4"), ("labels.npy", ">i8"),
+                                        ("keys.npy", ">i8")])
+def test_big_endian_feature_files_get_the_same_line_in_every_command(data, capsys, tmp_path, name, dtype):
+    feats = tmp_path / "feats"
+    shutil.copytree(data["feats"], feats)
+    path = feats / name
+    np.save(path, np.load(path).astype(dtype))
+    model, eval_bin = tmp_path / "m.onnx", tmp_path / "lfw.bin"
+    model.write_bytes(b"onnx")
+    eval_bin.write_bytes(b"bin")
+    common = ["--features", str(feats), "--rec", data["rec"]]
+    commands = [["select", *common, "--ratio", "0.5", "--out", str(tmp_path / "s.idx")],
+                ["conflicts", *common, "--out", str(tmp_path / "c.json")],
+                ["gallery", *common, "--index", os.path.join(data["rec"], "train.idx"), "--out", str(tmp_path / "g.html")],
+                ["overlap", *common, "--onnx", str(model), "--bin", str(eval_bin), "--out", str(tmp_path / "o.json")]]
+    lines = []
+    for argv in commands:
+        status, err = cli(argv, capsys)
+        assert status == 1 and len(err) == 1, (argv[0], err)
+        lines.append(err[0].split(": error: ", 1)[1])
+    assert len(set(lines)) == 1, lines
+    kind = "float" if dtype[1] == "f" else "integer"
+    assert lines[0].startswith(f"{path} holds big-endian values ({dtype}), not this machine's byte order: convert it "
+                               f"with np.save(path, np.load(path).astype('<{dtype[1:]}')) or extract again"), lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["feats", "lfw.bin", "m.onnx"]
