@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_output
+from .model_check import check_first_batch
 from .recordio_index import MAGIC, RecordIOError, image_records, read_index, rec_paths, record_labels
 
 IMAGE_SIZE = 112
@@ -581,8 +582,10 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
         marker.flush()
         os.fsync(marker.fileno())
 
-    def store(out, s, b, handle):
+    def store(out, s, b, handle, images=None):
         f = handle.result()
+        if images is not None:  # the first batch of the run: a model whose features carry nothing stops here
+            check_first_batch(f, images, getattr(model, "name", type(model).__name__), rec, b)
         if not np.all(np.isfinite(f)):
             raise FloatingPointError(f"the model gave non-finite features for records {b}..{b + len(f) - 1} "
                                      f"of {rec}; check the checkpoint")
@@ -599,6 +602,7 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     launch = getattr(model, "launch", None) or (lambda images, flip: _Ready(model(images, flip)))
     it = iter(loader)
     t0 = time.time()
+    first = True
     # batch k runs on the device while batch k-1 is stored; chunk k is written while chunk k+1 runs
     try:
         with ThreadPoolExecutor(1) as writer:
@@ -608,10 +612,12 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
                 out = np.empty((e - s, feats.shape[1]), np.float16)
                 pending = None
                 for b in range(s, e, batch_size):
-                    handle = launch(batch(), flip)
+                    images = batch()
+                    handle = launch(images, flip)
                     if pending is not None:
                         store(out, s, *pending)
-                    pending = (b, handle)
+                    pending = (b, handle, images if first else None)
+                    first = False
                 store(out, s, *pending)
                 if written is not None:
                     written.result()
