@@ -568,3 +568,14 @@ def test_big_endian_feature_files_get_the_same_line_in_every_command(data, capsy
     assert lines[0].startswith(f"{path} holds big-endian values ({dtype}), not this machine's byte order: convert it "
                                f"with np.save(path, np.load(path).astype('<{dtype[1:]}')) or extract again"), lines[0]
     assert sorted(os.listdir(tmp_path)) == ["feats", "lfw.bin", "m.onnx"]
+
+
+def test_select_unreachable_ratio_warns_on_stderr_and_in_the_summary(data, capsys, tmp_path):
+    import json
+    out = tmp_path / "s.idx"
+    status, lines = cli(select(data, "--out", str(out), ratio="0.01"), capsys)
+    assert status == 0, lines
+    warned = [line for line in lines if line.startswith("face_nms select: warning: ")]
+    assert len(warned) == 1 and "ratio 0.01 is out of reach" in warned[0], lines
+    summary = json.load(open(tmp_path / "s.json"))
+    assert summary["warnings"] == [warned[0][len("face_nms select: warning: "):]]

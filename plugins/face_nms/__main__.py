@@ -136,6 +136,8 @@ def cmd_select(args):
         sel = run_method(args.method, feats, labels, ratio=args.ratio, order=args.order, **kw)
     except ValueError as exc:
         raise ValueError(f"{args.features}: {exc}") from None
+    for line in sel.warnings:
+        print(f"face_nms select: warning: {line}", file=sys.stderr)
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
