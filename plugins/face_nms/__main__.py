@@ -178,6 +178,8 @@ def cmd_conflicts(args):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
                                       "features", "dataset": meta.get("provenance", {}).get("dataset")})
+    for line in info["warnings"]:
+        print(f"face_nms conflicts: warning: {line}", file=sys.stderr)
     rule = "given" if args.threshold is not None else res.rule["rule"]
     print(f"threshold {res.threshold:.4f} ({rule}); {info['pairs']} conflicting pairs of {info['identities']} "
           f"identities, {info['flagged_faces']} faces nearer another identity's center "
