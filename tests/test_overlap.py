@@ -375,3 +375,34 @@ def test_bin_importing_a_numpy_submodule_is_refused_through_the_command(world, t
     assert status == 1 and len(err) == 1, err
     assert f"--bin {bad} is not an evaluation .bin pickle: it asks for numpy.f2py.__main__.dtype" in err[0], err
     assert "numpy.f2py.__main__" not in __import__("sys").modules and not os.path.exists(tmp_path / "o.json")
+
+
+def test_a_default_threshold_at_the_edge_warns():
+    from plugins.face_nms.overlap import search_overlap
+    rng = np.random.default_rng(0)
+    # a collapsed model: every face of every identity points nearly one way
+    labels = np.repeat(np.arange(40), 5)
+    feats = np.ones((len(labels), 64)) + 1e-4 * rng.standard_normal((40, 64))[labels] \
+        + 1e-5 * rng.standard_normal((len(labels), 64))
+    res = search_overlap(feats.astype(np.float32), labels, [feats[:4].astype(np.float32)])
+    assert res.threshold > 0.999 and len(res.warnings) == 1, (res.threshold, res.warnings)
+    assert res.warnings[0].startswith(f"the default threshold is {res.threshold:.4f}, at the end of [-1, 1]")
+    assert "give --threshold" in res.warnings[0]
+    ok = search_overlap(*_planted_overlap(), threshold=None)
+    assert ok.warnings == []
+
+
+def _planted_overlap():
+    rng = np.random.default_rng(1)
+    directions = _synthetic_features(rng, 30)
+    feats, labels = _faces(rng, directions, np.full(30, 6), 0.6)
+    return feats, labels, [feats[:10]]
+
+
+def test_an_exclusion_index_of_every_face_warns(world, tmp_path, capsys):
+    out, idx = str(tmp_path / "o.json"), str(tmp_path / "x.idx")
+    status, err = cli(overlap(world, "--out", out, "--exclude", idx, "--threshold", "1"), capsys)
+    assert status == 0, err
+    warned = [line for line in err if line.startswith("face_nms overlap: warning: ")]
+    assert len(warned) == 1 and f"the exclusion index {idx} lists every training face" in warned[0], err
+    assert json.load(open(out))["warnings"] == [warned[0][len("face_nms overlap: warning: "):]]
