@@ -336,6 +336,7 @@ def test_model_other_than_the_features_is_refused(world, tmp_path, capsys):
     ("no-model", 2, ["--checkpoint model.pt --network NAME or --onnx model.onnx"]),
     ("no-network", 2, ["--checkpoint needs --network"]),
     ("bin-twice", 2, ["is given twice"]),
+    ("bin-is-a-device", 1, ["--bin /dev/zero is not a regular file (a device, pipe or socket)"]),
     ("everything-removed", 1, ["--exclude", "holds every one of the 24 training identities", "check --threshold"]),
 ])
 def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_want, words):
@@ -357,6 +358,7 @@ def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_wa
         "no-model": [a for a in overlap(world, "--out", out) if a not in ("--onnx", world.onnx)],
         "no-network": [a if a != "--onnx" else "--checkpoint" for a in overlap(world, "--out", out)],
         "bin-twice": overlap(world, "--out", out, bins=[world.lfw, world.lfw]),
+        "bin-is-a-device": overlap(world, "--out", out, bins=[world.lfw, "/dev/zero"]),
         "everything-removed": overlap(world, "--out", out, "--exclude", idx, "--threshold", "-1"),
     }[case]
     status, err = cli(argv, capsys)

@@ -97,18 +97,24 @@ class _Unpickler(pickle.Unpickler):
         raise _Refused("it asks for a persistent object, which an evaluation .bin does not hold")
 
 
+def check_file(path, st=None):
+    """Refuses a ``--bin`` that is not a regular file (a device such as /dev/zero, a pipe) or is larger
+    than MAX_BYTES, before anything is read."""
+    st = os.stat(path) if st is None else st
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"--bin {path} is not a regular file (a device, pipe or socket); give an evaluation "
+                         f".bin file")
+    if st.st_size > MAX_BYTES:
+        raise ValueError(f"--bin {path} holds {st.st_size} bytes, more than {MAX_BYTES} (4 GiB), far more than an "
+                         f"evaluation set; give an evaluation .bin file")
+
+
 def _read(path):
     """The bytes of ``path``: a regular file of at most MAX_BYTES, read with that bound."""
     try:
-        # O_NONBLOCK: opening a named pipe waits for no writer; the checks below refuse it
+        # O_NONBLOCK: opening a named pipe waits for no writer; the check refuses it
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"--bin {path} is not a regular file (a device, pipe or socket); give an "
-                                 f"evaluation .bin file")
-            if st.st_size > MAX_BYTES:
-                raise ValueError(f"--bin {path} holds {st.st_size} bytes, more than {MAX_BYTES} (4 GiB), far more "
-                                 f"than an evaluation set; give an evaluation .bin file")
+            check_file(path, os.fstat(f.fileno()))
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"--bin {path} cannot be read ({exc.strerror}); check the path and its permissions") \

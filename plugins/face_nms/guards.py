@@ -402,8 +402,10 @@ def check_overlap(args):
     feature_folder(args.features)
     model = args.checkpoint or args.onnx
     inputs = dataset_files(args.rec) + feature_files(args.features) + [(model, f"the model {model}")]
+    from .eval_bin import check_file
     for i, path in enumerate(args.bin):
         input_file(path, "--bin", "evaluation .bin file")
+        check_file(path)
         if any(same_file(path, other) for other in args.bin[:i]):
             raise UsageError(f"--bin {path} is given twice; give each evaluation set once")
         inputs.append((path, f"the evaluation set {path}"))
