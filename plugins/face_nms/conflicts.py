@@ -119,7 +119,7 @@ def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOU
     elif len(short):
         missed = int((I[:, 0] < 0).sum())
         warnings.append(f"{missed} of {len(ids)} identity centers found no other center in their IVF probes (nprobe "
-                        f"{info.get('nprobe')} of nlist {info.get('nlist')}), {len(short)} fewer than {k}: only the "
+                        f"{info.get('nprobe')} of nlist {info.get('nlist')}), and {len(short)} fewer than the {k} asked: only the "
                         f"centers found count, in the threshold and in the pairs; raise --nprobe or use --method exact")
     s = np.where(I[:, 0] >= 0, S[:, 0], np.nan).astype(np.float32)
     if threshold is None:

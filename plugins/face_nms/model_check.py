@@ -24,7 +24,7 @@ def first_batch_problem(features, images):
     if len(f) >= 2 and np.linalg.norm(f - f.mean(axis=0), axis=1).max() < CONSTANT:
         x = np.asarray(images).reshape(len(f), -1)
         if (x != x[:1]).any():  # different faces, one feature (the same photo packed again is no sign)
-            return "gives the same feature for every image"
+            return "gives identical features to different faces"
     return None
 
 
@@ -32,7 +32,7 @@ def check_first_batch(features, images, model_name, rec_path, first_row):
     """Refuses, in one line naming the model, a first batch whose features carry nothing."""
     problem = first_batch_problem(features, images)
     if problem:
-        raise ValueError(f"the model {model_name} {problem} for the first {len(features)} images of {rec_path} "
+        raise ValueError(f"the model {model_name} {problem} on the first {len(features)} images of {rec_path} "
                          f"(records {first_row}..{first_row + len(features) - 1}): check the model: BatchNorm "
                          f"statistics of an untrained network, the wrong --network for the checkpoint, or a model "
                          f"file of another task (not face recognition); nothing was extracted: run again with the "

@@ -193,7 +193,7 @@ def selection_warnings(sel, labels, ratio=None):
     n_ids, total = int((sizes > 0).sum()), sel.total
     if n_ids == total:
         return [f"every identity has one face ({n_ids} identities): NMS has nothing to suppress and every face is "
-                f"kept; check that labels.npy holds identity labels (the dataset's header records)"]
+                f"kept; check that the dataset's labels are identities, not one label per face"]
     floor = n_ids / total
     if ratio is not None and abs(sel.fraction - ratio) > RATIO_TOLERANCE:
         if ratio < floor:
