@@ -556,7 +556,8 @@ def test_big_endian_feature_files_get_the_same_line_in_every_command(data, capsy
     common = ["--features", str(feats), "--rec", data["rec"]]
     commands = [["select", *common, "--ratio", "0.5", "--out", str(tmp_path / "s.idx")],
                 ["conflicts", *common, "--out", str(tmp_path / "c.json")],
-                ["gallery", *common, "--index", os.path.join(data["rec"], "train.idx"), "--out", str(tmp_path / "g.html")],
+                ["gallery", *common, "--index", os.path.join(data["rec"], "train.idx"),
+                 "--out", str(tmp_path / "g.html")],
                 ["overlap", *common, "--onnx", str(model), "--bin", str(eval_bin), "--out", str(tmp_path / "o.json")]]
     lines = []
     for argv in commands:

@@ -119,8 +119,9 @@ def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOU
     elif len(short):
         missed = int((I[:, 0] < 0).sum())
         warnings.append(f"{missed} of {len(ids)} identity centers found no other center in their IVF probes (nprobe "
-                        f"{info.get('nprobe')} of nlist {info.get('nlist')}), and {len(short)} fewer than the {k} asked: only the "
-                        f"centers found count, in the threshold and in the pairs; raise --nprobe or use --method exact")
+                        f"{info.get('nprobe')} of nlist {info.get('nlist')}), and {len(short)} fewer than the {k} "
+                        f"asked: only the centers found count, in the threshold and in the pairs; raise --nprobe or "
+                        f"use --method exact")
     s = np.where(I[:, 0] >= 0, S[:, 0], np.nan).astype(np.float32)
     if threshold is None:
         if not np.isfinite(s).any():
@@ -259,11 +260,13 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         gone = dropped_rows(res, labels, drop_mode)
         keep = np.setdiff1d(np.arange(len(labels)), gone)
         if not len(keep):
-            raise ValueError(f"--drop {drop}: the {drop_mode} drop removes every one of the {len(labels)} faces, so the "
-                             f"index would be empty; check --threshold ({res.threshold:.4f}), --centers and the model")
+            raise ValueError(f"--drop {drop}: the {drop_mode} drop removes every one of the {len(labels)} faces, so "
+                             f"the index would be empty; check --threshold ({res.threshold:.4f}), --centers and the "
+                             f"model")
         if not len(gone):
-            warnings.append(f"--drop {drop} drops nothing (no {'conflicting pair' if drop_mode == 'identity' else 'face nearer another identity'} "
-                            f"at threshold {res.threshold:.4f}): the index lists every face of the dataset")
+            what = "conflicting pair" if drop_mode == "identity" else "face nearer another identity's center"
+            warnings.append(f"--drop {drop} drops nothing (no {what} at threshold {res.threshold:.4f}): the index "
+                            f"lists every face of the dataset")
     info["warnings"] = warnings
     paths = conflict_outputs(out) + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
     with output_set(paths) as tmps:
