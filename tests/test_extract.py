@@ -414,3 +414,18 @@ def test_identical_images_are_not_taken_for_a_constant_model(tmp_path):
     out = extract_features(rec, str(tmp_path / "f"), model(), batch_size=8, workers=0, progress=False)
     feats, _, _, _ = load_features(out)
     assert np.ptp(np.asarray(feats, np.float32), axis=0).max() == 0
+
+
+def test_zero_initialised_host_backbone_stops_on_the_first_batch(rec_dir, tmp_path, capsys, host_backbones):
+    from backbones import get_model
+    net = get_model("r18", fp16=False, num_features=64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--device", "cpu", "--workers", "0", "--checkpoint",
+                            str(ckpt), "--network", "r18", "--embedding-size", "64", "--batch-size", "16",
+                            "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and msg.startswith(f"face_nms extract: error: the model r18:{ckpt} gives all-zero features"), msg
+    assert not (tmp_path / "f" / "features.npy").exists()
