@@ -169,6 +169,11 @@ def payloads(sentinel):
         out.append((f"bytearray size p{p}", "bytearray with (int)",
                     _head(p) + _global("builtins", "bytearray", p) + b"("
                     + (b"J\x00\x00\x00\x40" if p else b"I1073741824\n") + b"tR."))
+        out.append((f"_reconstruct size p{p}", "_reconstruct with ndarray, shape (1099511627776,)",
+                    _head(p) + _global("numpy.core.multiarray", "_reconstruct", p) + b"(" +
+                    _global("numpy", "ndarray", p) + b"(" + (b"I1099511627776\n" if p == 0 else
+                                                            b"\x8a\x06\x00\x00\x00\x00\x00\x01") +
+                    b"t" + _text("b", p) + b"tR."))
     for p in (4, 5):
         # STACK_GLOBAL with computed names: from the memo, and from a reduction
         memo = _head(p) + _text("os", 1) + b"\x94" + _text("system", 1) + b"\x94" + b"h\x00h\x01\x93(" + \

@@ -71,6 +71,16 @@ def _binary(kind):
     return make
 
 
+def _empty_array(reconstruct):
+    def make(subtype, shape, typecode):
+        # numpy pickles an array as an empty ndarray that BUILD then fills: never a subclass, never a size
+        if subtype is not np.ndarray or tuple(shape) != (0,):
+            raise _Refused(f"it calls _reconstruct with {getattr(subtype, '__name__', type(subtype).__name__)}, "
+                           f"shape {str(shape)[:40]}, which an evaluation .bin does not hold")
+        return reconstruct(subtype, shape, typecode)
+    return make
+
+
 def _resolve(module, name):
     """The object a .bin's global stands for, taken from modules already imported: never an import."""
     if (module, name) == ("_codecs", "encode"):
@@ -82,7 +92,7 @@ def _resolve(module, name):
     for core in ("_core", "core"):  # the numpy that runs, whichever numpy wrote the file
         helper = getattr(sys.modules.get(f"numpy.{core}.{_NUMPY_HELPERS[name]}"), name, None)
         if helper is not None:
-            return helper
+            return _empty_array(helper) if name == "_reconstruct" else helper
     raise _Refused(f"it asks for {module}.{name}, which this numpy does not provide")
 
 
