@@ -28,12 +28,13 @@ noise draws on a loss falling at 2 lambda per step; the fitted start in none.
 """
 import math
 import numbers
+import sys
 import warnings
 
 import numpy as np
 import torch
 from torch import distributed
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import ChainedScheduler, LRScheduler, SequentialLR
 
 from .registry import register_scheduler
 
@@ -44,21 +45,50 @@ WARMUP_SPAN = 10.0
 # Default start: the first FIT_SPAN / min(alpha, beta) losses are fitted by a line.
 FIT_SPAN = 2.0
 # the hyper-parameters a saved state must share with the scheduler that loads it
+# alpha, beta below it: a warm-up of 2/alpha and a memory of 1/alpha steps outlast any run (and 2/alpha
+# overflows a float for the smallest positive numbers)
+MIN_RATE = 1e-8
 HYPER_PARAMETERS = ("total_steps", "alpha", "beta", "threshold", "tolerance", "decay", "max_decays",
                     "reference_start")
 
 
+def _shown(value):
+    """repr of a value, an integer too long to print given by its length."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of {len(str(abs(int(value))))} digits"
+    return repr(value)
+
+
+def _finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond a float's range
+        return False
+
+
 def _real(name, value, meaning):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"FastFace: {name} {meaning}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
+        raise ValueError(f"FastFace: {name} {meaning}, got {_shown(value)}")
     return float(value)
 
 
 def _whole(name, value, meaning, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) \
             or value != int(value) or value < low:
-        raise ValueError(f"FastFace: {name} {meaning}, got {value!r}")
+        raise ValueError(f"FastFace: {name} {meaning}, got {_shown(value)}")
     return int(value)
+
+
+def _combinator(depth):
+    """The name of the torch scheduler combinator that made the call ``depth`` frames up, or None."""
+    owner = sys._getframe(depth + 1).f_locals.get("self")
+    return type(owner).__name__ if isinstance(owner, (SequentialLR, ChainedScheduler)) else None
+
+
+def _refuse_combinator(name):
+    raise TypeError(f"FastFace cannot run inside torch's {name}: {name} calls step() without the loss, and FastFace "
+                    f"decides from the loss; use FastFace as the only scheduler (config.lr_scheduler = \"fastface\") "
+                    f"and call step(loss) after each optimizer step")
 
 
 def _loss_value(loss):
@@ -73,7 +103,11 @@ def _loss_value(loss):
         if loss.size == 1 and loss.dtype.kind in "fiu":
             return float(loss.item())
     elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
+        try:
+            return float(loss)
+        except OverflowError:
+            raise ValueError(f"FastFace.step(loss): the loss, {_shown(loss)}, does not fit a float; pass the "
+                             f"float loss.item() gives") from None
     raise TypeError(f"FastFace.step(loss): the loss must be a real number (the float loss.item() gives), "
                     f"got {what}")
 
@@ -119,6 +153,10 @@ class FastFace(LRScheduler):
         for name, value in (("alpha", self.alpha), ("beta", self.beta)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"FastFace: {name} is an EMA rate, a number in (0, 1), got {value!r}")
+            if value < MIN_RATE:
+                raise ValueError(f"FastFace: {name} {value!r} is below {MIN_RATE:g}: the detector would need "
+                                 f"{FIT_SPAN:g}/{name} steps to start and remember 1/{name} steps, more than any "
+                                 f"run; use a rate in [{MIN_RATE:g}, 1), e.g. the default 1e-3")
         self.threshold = _real("threshold", threshold, "(lambda) must be a finite number >= 0")
         if self.threshold < 0:
             raise ValueError(f"FastFace: threshold (lambda) must be a finite number >= 0, got {threshold!r}")
@@ -191,7 +229,24 @@ class FastFace(LRScheduler):
         distributed.all_reduce(t, group=group)
         return t.item() / distributed.get_world_size(group)
 
+    def _initial_step(self):
+        wrapper = _combinator(1)
+        if wrapper:
+            _refuse_combinator(wrapper)
+        super()._initial_step()
+
+    def _update_lr(self, epoch=None):
+        # only a combinator calls it (FastFace's own step sets the LR): SequentialLR at a milestone
+        _refuse_combinator(_combinator(1) or "a scheduler combinator")
+
+    def get_lr(self):
+        """The current LRs: FastFace changes them in ``step(loss)`` only."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
     def step(self, loss=None):
+        wrapper = _combinator(1)  # SequentialLR (torch < 2.7: step(0) at a milestone) or ChainedScheduler
+        if wrapper:
+            _refuse_combinator(wrapper)
         if loss is None and (self._step_count == 0 or getattr(self, "_is_initial", False)):
             # the constructor's initial step: the LR is left untouched
             self._step_count = 1
@@ -206,8 +261,16 @@ class FastFace(LRScheduler):
                 group["lr"] = group["lr"] * self.pending
         self.pending = 1.0
         if math.isfinite(loss):
+            saved = self._detector_state()
             self._detect(loss)
+            if not all(map(math.isfinite, (self.loss_prev, self.d1, self.d2, self.fit_y, self.fit_jy))):
+                # a finite loss whose difference to the last overflows: ignored, as a non-finite one
+                self.__dict__.update(saved)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _detector_state(self):
+        return {k: getattr(self, k) for k in ("seen", "loss_prev", "d1", "d2", "count", "decays", "pending",
+                                              "fit_origin", "fit_y", "fit_jy")}
 
     def _detect(self, loss):
         self.seen += 1

@@ -1,5 +1,6 @@
 """The command line: outputs never replace inputs, and every mistake gets one line and an exit status."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -512,3 +513,71 @@ def test_process_hitting_the_file_size_limit(data, tmp_path):
     assert line.startswith("face_nms select: error:") and "File too large" in line and "ulimit" in line, line
     assert "Traceback" not in r.stderr and ".tmp-" not in line
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def _mapped(pid, name):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["numpy mapped", "torch importing", "0.3 s", "0.8 s", "1.5 s"])
+def test_sigint_in_the_first_moments_is_one_line_and_status_130(data, tmp_path, moment):
+    """Ctrl-C while the interpreter imports numpy and torch, or parses the command line."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    argv = select(data, "--out", str(tmp_path / "s.idx"))
+    p = subprocess.Popen([sys.executable, "-m", "plugins.face_nms", *argv], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    wait_for = {"numpy mapped": "_multiarray_umath", "torch importing": "libtorch_cpu"}.get(moment)
+    while p.poll() is None and time.monotonic() - start < 60:
+        if wait_for and _mapped(p.pid, wait_for) or not wait_for and time.monotonic() - start >= float(moment[:3]):
+            break
+        time.sleep(0.002)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0 and "wrote" in out:
+        pytest.skip("the command finished before the signal arrived")
+    assert (p.returncode, err) == (130, "interrupted\n"), (moment, p.returncode, err[-3000:])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("name,dtype", [("features.npy", ">f2"), ("features.npy", ">f4"), ("labels.npy", ">i8"),
+                                        ("keys.npy", ">i8")])
+def test_big_endian_feature_files_get_the_same_line_in_every_command(data, capsys, tmp_path, name, dtype):
+    feats = tmp_path / "feats"
+    shutil.copytree(data["feats"], feats)
+    path = feats / name
+    np.save(path, np.load(path).astype(dtype))
+    model, eval_bin = tmp_path / "m.onnx", tmp_path / "lfw.bin"
+    model.write_bytes(b"onnx")
+    eval_bin.write_bytes(b"bin")
+    common = ["--features", str(feats), "--rec", data["rec"]]
+    commands = [["select", *common, "--ratio", "0.5", "--out", str(tmp_path / "s.idx")],
+                ["conflicts", *common, "--out", str(tmp_path / "c.json")],
+                ["gallery", *common, "--index", os.path.join(data["rec"], "train.idx"),
+                 "--out", str(tmp_path / "g.html")],
+                ["overlap", *common, "--onnx", str(model), "--bin", str(eval_bin), "--out", str(tmp_path / "o.json")]]
+    lines = []
+    for argv in commands:
+        status, err = cli(argv, capsys)
+        assert status == 1 and len(err) == 1, (argv[0], err)
+        lines.append(err[0].split(": error: ", 1)[1])
+    assert len(set(lines)) == 1, lines
+    kind = "float" if dtype[1] == "f" else "integer"
+    assert lines[0].startswith(f"{path} holds big-endian values ({dtype}), not this machine's byte order: convert it "
+                               f"with np.save(path, np.load(path).astype('<{dtype[1:]}')) or extract again"), lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["feats", "lfw.bin", "m.onnx"]
+
+
+def test_select_unreachable_ratio_warns_on_stderr_and_in_the_summary(data, capsys, tmp_path):
+    import json
+    out = tmp_path / "s.idx"
+    status, lines = cli(select(data, "--out", str(out), ratio="0.01"), capsys)
+    assert status == 0, lines
+    warned = [line for line in lines if line.startswith("face_nms select: warning: ")]
+    assert len(warned) == 1 and "ratio 0.01 is out of reach" in warned[0], lines
+    summary = json.load(open(tmp_path / "s.json"))
+    assert summary["warnings"] == [warned[0][len("face_nms select: warning: "):]]

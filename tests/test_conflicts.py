@@ -210,3 +210,59 @@ def test_a_feature_row_without_direction_is_one_line(ds, capsys, tmp_path):
     assert status == 1 and "features.npy: row 5 is not finite or all zero" in lines[-1]
     assert "extract the features again" in lines[-1] and lines[-1].startswith("face_nms conflicts: error:")
     assert not out.exists()
+
+
+# ---- degenerate searches and thresholds say so ----
+
+def test_neighbours_the_ivf_probes_missed_do_not_enter_the_threshold():
+    feats, labels, truth = planted(n_ids=300, dup=10, seed=2)
+    exact = find_conflicts(feats, labels, faces=False, method="exact")
+    # one center per cell, one cell probed: most centers find no other center in their probes
+    ivf = find_conflicts(feats, labels, faces=False, method="ivf", nlist=300, nprobe=1)
+    assert ivf.threshold == pytest.approx(exact.threshold, abs=1e-3) and ivf.threshold > 0, ivf.rule
+    assert set(ivf.label_pairs()[i][:2] for i in range(len(ivf.pairs))) == \
+        set(exact.label_pairs()[i][:2] for i in range(len(exact.pairs)))
+    assert ivf.search["searched_again_exactly"] > 150 and ivf.warnings == []
+
+
+def test_without_the_exact_search_again_only_found_neighbours_count(monkeypatch):
+    import plugins.face_nms.conflicts as conflicts_module
+    monkeypatch.setattr(conflicts_module, "SEARCH_AGAIN_PAIRS", 0)
+    feats, labels, _ = planted(n_ids=300, dup=10, seed=2)
+    ivf = find_conflicts(feats, labels, faces=False, method="ivf", nlist=300, nprobe=1)
+    missed, n = int(np.isnan(ivf.nearest_other).sum()), len(ivf.ids)
+    assert missed > 150 and ivf.threshold > 0 and ivf.rule["identities_counted"] == n - missed
+    assert len(ivf.warnings) == 1 and ivf.warnings[0].startswith(
+        f"{missed} of {n} identity centers found no other center in their IVF probes (nprobe 1 of nlist 300)")
+    assert "raise --nprobe or use --method exact" in ivf.warnings[0]
+
+
+def test_a_default_threshold_at_the_edge_warns():
+    # 12 centers on a circle with uneven gaps: the nearest-other cosines spread too widely for the outlier rule
+    angles = np.cumsum([0.1, 0.9, 0.2, 0.8, 0.15, 0.7, 0.3, 0.6, 0.25, 0.5, 0.35, 0.45])
+    centers = np.stack([np.cos(angles), np.sin(angles), np.zeros(12)], 1).astype(np.float32)
+    labels = np.repeat(np.arange(12), 2)
+    res = find_conflicts(centers[labels].astype(np.float16), labels, faces=False)
+    assert res.rule["median"] + 6 * res.rule["robust_sigma"] > 1 and res.threshold == 1.0
+    assert len(res.pairs) == 0 and len(res.warnings) == 1, res.warnings
+    assert res.warnings[0].startswith("the default threshold reaches 1.0000"), res.warnings
+    assert "give --threshold" in res.warnings[0]
+
+
+def test_cli_refuses_an_empty_drop_index_and_warns_on_a_full_one(ds, capsys, tmp_path):
+    out, drop = tmp_path / "c.json", tmp_path / "clean.idx"
+    # every face nearer another identity's center than its own: the centers point away from their faces
+    f = np.load(os.path.join(ds["feats"], "features.npy")).astype(np.float32)
+    labels = np.load(os.path.join(ds["feats"], "labels.npy"))
+    away = tmp_path / "away.npy"
+    np.save(away, -np.stack([f[labels == y].mean(0) for y in range(41)]))
+    status, lines = cli(conflicts(ds, out, "--centers", str(away), "--k", "40", "--drop", str(drop),
+                                  "--drop-mode", "faces"), capsys)
+    assert status == 1 and lines[-1].startswith(f"face_nms conflicts: error: --drop {drop}: the faces drop removes "
+                                                f"every one of the {len(labels)} faces"), lines
+    assert "check --threshold" in lines[-1] and sorted(os.listdir(tmp_path)) == ["away.npy"]
+    status, lines = cli(conflicts(ds, out, "--threshold", "1", "--drop", str(drop)), capsys)
+    assert status == 0, lines
+    warned = [line for line in lines if line.startswith("face_nms conflicts: warning: ")]
+    assert len(warned) == 1 and f"--drop {drop} drops nothing" in warned[0], lines
+    assert json.load(open(out))["warnings"] == [warned[0][len("face_nms conflicts: warning: "):]]

@@ -348,3 +348,87 @@ def test_checkpoint_errors_are_one_line(rec_dir, tmp_path, capsys, host_backbone
     code, msg = _cli_error(base + [str(ckpt), "--network", "r18", "--embedding-size", "64",
                                    "--out", str(tmp_path / "f")], capsys)
     assert code == 1 and "model.checkpoint_sha256" in msg and "--overwrite" in msg, msg
+
+
+# ---- a model whose features carry nothing stops on its first batch ----
+
+class Degenerate(torch.nn.Module):
+    """A real network whose features carry nothing: zero-initialised weights (all-zero features), dead ReLUs
+    in front of the last layer (its bias for every image), BatchNorm statistics that were never valid (NaN)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 14 * 14, 64)
+        with torch.no_grad():
+            if kind == "zeros":
+                for p in self.parameters():
+                    p.zero_()
+            elif kind == "constant":
+                self.conv.bias.fill_(-1e4)
+            elif kind == "nan":
+                self.bn.running_var.fill_(-1.0)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _onnx_of(net, path):
+    torch.onnx.export(net.eval(), torch.zeros(1, 3, 112, 112), str(path), input_names=["data"], output_names=["fc1"],
+                      dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}}, opset_version=13, dynamo=False)
+    return str(path)
+
+
+DEGENERATE_SAYS = {"zeros": "gives all-zero features", "constant": "gives identical features to different faces",
+                   "nan": "gives non-finite features"}
+
+
+@pytest.mark.parametrize("kind", ["zeros", "constant", "nan"])
+def test_degenerate_model_stops_on_the_first_batch_through_the_command(rec_dir, tmp_path, capsys, kind):
+    from plugins.face_nms.extract import PROGRESS, _done_chunks
+    onnx = _onnx_of(Degenerate(kind), tmp_path / f"{kind}.onnx")
+    out = tmp_path / "f"
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--out", str(out), "--onnx", onnx, "--device", "cpu",
+                            "--workers", "0", "--batch-size", "16", "--chunk-rows", "32"], capsys)
+    assert code == 1, msg
+    assert msg.startswith(f"face_nms extract: error: the model {kind}.onnx {DEGENERATE_SAYS[kind]}"), msg
+    assert f"on the first 16 images of {os.path.join(rec_dir, 'train.rec')}" in msg, msg
+    assert "BatchNorm statistics" in msg and "--network" in msg and "another task" in msg, msg
+    assert not (out / "features.npy").exists() and _done_chunks(str(out / PROGRESS)) == set()
+
+
+@pytest.mark.parametrize("kind", ["zeros", "constant", "nan"])
+def test_degenerate_torch_module_stops_on_the_first_batch(rec_dir, tmp_path, kind):
+    from plugins.face_nms.extract import PROGRESS, _done_chunks
+    out = tmp_path / "f"
+    with pytest.raises((ValueError, FloatingPointError)) as err:
+        extract_features(rec_dir, str(out), TorchModel(Degenerate(kind), "cpu"), batch_size=16, workers=0,
+                         chunk_rows=32, progress=False)
+    assert str(err.value).startswith(f"the model Degenerate {DEGENERATE_SAYS[kind]}"), err.value
+    assert _done_chunks(str(out / PROGRESS)) == set()
+
+
+def test_identical_images_are_not_taken_for_a_constant_model(tmp_path):
+    images, labels, _ = synthetic_faces(n_ids=2, seed=5)
+    images[:] = images[0]  # one photo packed again and again: the features are alike because the images are
+    rec = str(tmp_path / "rec")
+    write_recordio(rec, images, labels, "insightface")
+    out = extract_features(rec, str(tmp_path / "f"), model(), batch_size=8, workers=0, progress=False)
+    feats, _, _, _ = load_features(out)
+    assert np.ptp(np.asarray(feats, np.float32), axis=0).max() == 0
+
+
+def test_zero_initialised_host_backbone_stops_on_the_first_batch(rec_dir, tmp_path, capsys, host_backbones):
+    from backbones import get_model
+    net = get_model("r18", fp16=False, num_features=64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    code, msg = _cli_error(["extract", "--rec", rec_dir, "--device", "cpu", "--workers", "0", "--checkpoint",
+                            str(ckpt), "--network", "r18", "--embedding-size", "64", "--batch-size", "16",
+                            "--out", str(tmp_path / "f")], capsys)
+    assert code == 1 and msg.startswith(f"face_nms extract: error: the model r18:{ckpt} gives all-zero features"), msg
+    assert not (tmp_path / "f" / "features.npy").exists()

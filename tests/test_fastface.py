@@ -469,3 +469,66 @@ def test_authors_logs_decay_where_the_reference_start_does(name):
     assert len(decays[True]) >= 5
     assert len(decays[False]) == len(decays[True])
     assert np.abs(decays[False] - decays[True]).max() <= 0.01 * total
+
+
+# ---- inside torch's scheduler combinators, and values that overflow ----
+
+def test_sequential_lr_and_chained_scheduler_are_refused_by_name():
+    from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, SequentialLR
+    opt = make_optimizer()
+    with pytest.raises(TypeError) as err:  # FastFace first: its initial step comes from SequentialLR
+        SequentialLR(opt, [FastFace(opt, total_steps=100), ConstantLR(opt)], milestones=[5])
+    assert_refused_inside(str(err.value), "SequentialLR")
+    opt = make_optimizer()
+    seq = SequentialLR(opt, [ConstantLR(opt, factor=0.5, total_iters=2), FastFace(opt, total_steps=100)],
+                       milestones=[3])
+    seq.step()
+    seq.step()
+    with pytest.raises(TypeError) as err:  # the milestone hands over to FastFace, with no loss
+        seq.step()
+    assert_refused_inside(str(err.value), "SequentialLR")
+    opt = make_optimizer()
+    chained = ChainedScheduler([FastFace(opt, total_steps=100), ConstantLR(opt)])
+    with pytest.raises(TypeError) as err:
+        chained.step()
+    assert_refused_inside(str(err.value), "ChainedScheduler")
+
+
+def assert_refused_inside(msg, wrapper):
+    assert "\n" not in msg and msg.startswith(f"FastFace cannot run inside torch's {wrapper}"), msg
+    assert "without the loss" in msg and "step(loss)" in msg, msg
+
+
+def test_rates_below_the_floor_are_refused_naming_the_value():
+    for name in ("alpha", "beta"):
+        with pytest.raises(ValueError) as err:
+            FastFace(make_optimizer(), total_steps=1000, **{name: 5e-324})
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"FastFace: {name} 5e-324 is below 1e-08"), msg
+    FastFace(make_optimizer(), total_steps=10 ** 9, alpha=1e-8, beta=1e-8, reference_start=True)
+
+
+@pytest.mark.parametrize("name", ["total_steps", "max_decays", "threshold", "decay", "alpha", "tolerance"])
+def test_parameters_too_large_for_a_float_are_refused_in_one_line(name):
+    with pytest.raises(ValueError) as err:
+        FastFace(make_optimizer(), **{"total_steps": 1000, name: 10 ** 400})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("FastFace: ") and name in msg and "an integer of 401 digits" in msg, msg
+
+
+def test_a_loss_too_large_for_a_float_is_refused_and_an_overflowing_difference_ignored():
+    sched = FastFace(make_optimizer(), total_steps=100, reference_start=True)
+    sched.step(1.0)
+    with pytest.raises(ValueError) as err:
+        sched.step(10 ** 400)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("FastFace.step(loss): the loss, an integer of 401 digits, does not fit a "
+                                              "float"), msg
+    assert sched.seen == 1 and sched.last_epoch == 1
+    for fitted in (False, True):
+        sched = FastFace(make_optimizer(), total_steps=100, reference_start=not fitted, alpha=0.5, beta=0.5)
+        for loss in (1.0, 1e308, -1e308, 0.9, 0.8):  # 1e308 - (-1e308) overflows: that loss is ignored
+            sched.step(loss)
+        state = (sched.d1, sched.d2, sched.loss_prev, sched.fit_y, sched.fit_jy)
+        assert all(math.isfinite(v) for v in state), (fitted, state)
+        assert sched.get_last_lr() == [0.02]

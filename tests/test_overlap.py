@@ -338,6 +338,7 @@ def test_model_other_than_the_features_is_refused(world, tmp_path, capsys):
     ("no-model", 2, ["--checkpoint model.pt --network NAME or --onnx model.onnx"]),
     ("no-network", 2, ["--checkpoint needs --network"]),
     ("bin-twice", 2, ["is given twice"]),
+    ("bin-is-a-device", 1, ["--bin /dev/zero is not a regular file (a device, pipe or socket)"]),
     ("everything-removed", 1, ["--exclude", "holds every one of the 24 training identities", "check --threshold"]),
 ])
 def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_want, words):
@@ -359,6 +360,7 @@ def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_wa
         "no-model": [a for a in overlap(world, "--out", out) if a not in ("--onnx", world.onnx)],
         "no-network": [a if a != "--onnx" else "--checkpoint" for a in overlap(world, "--out", out)],
         "bin-twice": overlap(world, "--out", out, bins=[world.lfw, world.lfw]),
+        "bin-is-a-device": overlap(world, "--out", out, bins=[world.lfw, "/dev/zero"]),
         "everything-removed": overlap(world, "--out", out, "--exclude", idx, "--threshold", "-1"),
     }[case]
     status, err = cli(argv, capsys)
@@ -366,3 +368,45 @@ def test_bad_command_lines_are_one_line(world, tmp_path, capsys, case, status_wa
     assert all(w in err[0] for w in words), err
     assert not os.path.exists(out) and not os.path.exists(idx)
     assert before == {p: open(p, "rb").read() for p in before}
+
+
+def test_bin_importing_a_numpy_submodule_is_refused_through_the_command(world, tmp_path, capsys):
+    # 28 bytes whose import would run f2py on this program's command line (and exit 0 without a report)
+    bad = tmp_path / "f2py.bin"
+    bad.write_bytes(b"cnumpy.f2py.__main__\ndtype\n.")
+    assert len(bad.read_bytes()) == 28
+    status, err = cli(overlap(world, "--out", str(tmp_path / "o.json"), bins=[world.lfw, str(bad)]), capsys)
+    assert status == 1 and len(err) == 1, err
+    assert f"--bin {bad} is not an evaluation .bin pickle: it asks for numpy.f2py.__main__.dtype" in err[0], err
+    assert "numpy.f2py.__main__" not in __import__("sys").modules and not os.path.exists(tmp_path / "o.json")
+
+
+def test_a_default_threshold_at_the_edge_warns():
+    from plugins.face_nms.overlap import search_overlap
+    rng = np.random.default_rng(0)
+    # a collapsed model: every face of every identity points nearly one way
+    labels = np.repeat(np.arange(40), 5)
+    feats = np.ones((len(labels), 64)) + 1e-4 * rng.standard_normal((40, 64))[labels] \
+        + 1e-5 * rng.standard_normal((len(labels), 64))
+    res = search_overlap(feats.astype(np.float32), labels, [feats[:4].astype(np.float32)])
+    assert res.threshold > 0.999 and len(res.warnings) == 1, (res.threshold, res.warnings)
+    assert res.warnings[0].startswith(f"the default threshold is {res.threshold:.4f}, at the end of [-1, 1]")
+    assert "give --threshold" in res.warnings[0]
+    ok = search_overlap(*_planted_overlap(), threshold=None)
+    assert ok.warnings == []
+
+
+def _planted_overlap():
+    rng = np.random.default_rng(1)
+    directions = _synthetic_features(rng, 30)
+    feats, labels = _faces(rng, directions, np.full(30, 6), 0.6)
+    return feats, labels, [feats[:10]]
+
+
+def test_an_exclusion_index_of_every_face_warns(world, tmp_path, capsys):
+    out, idx = str(tmp_path / "o.json"), str(tmp_path / "x.idx")
+    status, err = cli(overlap(world, "--out", out, "--exclude", idx, "--threshold", "1"), capsys)
+    assert status == 0, err
+    warned = [line for line in err if line.startswith("face_nms overlap: warning: ")]
+    assert len(warned) == 1 and f"the exclusion index {idx} lists every training face" in warned[0], err
+    assert json.load(open(out))["warnings"] == [warned[0][len("face_nms overlap: warning: "):]]

@@ -323,3 +323,30 @@ def test_unwritable_spill_folder_falls_back_to_passes(tmp_path):
     sel = select_core_set(mm, sl, threshold=0.6, source="spill", spill_dir=str(tmp_path / "missing"), log=notes.append)
     assert sel.source == "passes" and "not a writable folder" in notes[0]
     assert np.array_equal(sel.keep, select_core_set(sf, sl, threshold=0.6).keep)
+
+
+# ---- degenerate requests say so ----
+
+def test_unreachable_ratio_and_a_selection_keeping_everything_warn():
+    feats, labels = clustered_features(n_ids=50, seed=2)
+    floor = len(np.unique(labels)) / len(labels)
+    sel = select_core_set(feats, labels, ratio=floor / 2)
+    assert len(sel.warnings) == 1, sel.warnings
+    w = sel.warnings[0]
+    assert w.startswith(f"ratio {floor / 2:g} is out of reach: the least a selection keeps is {floor:.2%}"), w
+    assert "one face of each identity" in w and "--ratio" in w, w
+    assert select_core_set(feats, labels, ratio=0.6).warnings == []
+    sel = select_core_set(feats, labels, threshold=1.0)
+    assert sel.kept == sel.total and len(sel.warnings) == 1
+    assert sel.warnings[0].startswith("the selection keeps every face"), sel.warnings
+    assert "lower --threshold" in sel.warnings[0], sel.warnings
+    assert select_core_set(feats, labels, ratio=1.0).warnings == []  # asked for
+
+
+def test_one_face_identities_only_warn_that_nothing_can_be_suppressed():
+    feats, _ = clustered_features(n_ids=50, seed=2)
+    labels = np.arange(len(feats))
+    sel = select_core_set(feats, labels, ratio=0.6)
+    assert sel.kept == sel.total
+    assert len(sel.warnings) == 1 and sel.warnings[0].startswith(
+        f"every identity has one face ({len(labels)} identities): NMS has nothing to suppress"), sel.warnings

@@ -1,13 +1,25 @@
 """python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,demo}"""
-import argparse
-import copy
 import os
 import signal
 import sys
 
-import numpy as np
 
-from . import guards
+def _interrupted_early(signum, frame):
+    # Ctrl-C (or SIGTERM) while numpy and torch import or the command line is parsed: nothing to clean up yet
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # before the heavy imports
+    signal.signal(signal.SIGINT, _interrupted_early)
+    signal.signal(signal.SIGTERM, _interrupted_early)
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import guards  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +140,8 @@ def cmd_select(args):
         sel = run_method(args.method, feats, labels, ratio=args.ratio, order=args.order, **kw)
     except ValueError as exc:
         raise ValueError(f"{args.features}: {exc}") from None
+    for line in sel.warnings:
+        print(f"face_nms select: warning: {line}", file=sys.stderr)
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
@@ -168,6 +182,8 @@ def cmd_conflicts(args):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
                                       "features", "dataset": meta.get("provenance", {}).get("dataset")})
+    for line in info["warnings"]:
+        print(f"face_nms conflicts: warning: {line}", file=sys.stderr)
     rule = "given" if args.threshold is not None else res.rule["rule"]
     print(f"threshold {res.threshold:.4f} ({rule}); {info['pairs']} conflicting pairs of {info['identities']} "
           f"identities, {info['flagged_faces']} faces nearer another identity's center "
@@ -313,8 +329,12 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     name = f"face_nms {args.command}"
-    previous = signal.signal(signal.SIGTERM, _terminated) if argv is None else None
+    previous = None
     try:
+        if argv is None:
+            # the command runs: Ctrl-C and SIGTERM unwind, so that temporary files are removed on the way out
+            previous = signal.signal(signal.SIGTERM, _terminated)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return args.func(args)
     except guards.UsageError as exc:
         p.exit(2, f"{name}: error: {guards.describe(exc)}\n")

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .centers import identity_centers, leave_one_out
-from .neighbours import nearest
+from .neighbours import EXACT_PAIRS, nearest
 
 Z = 6.0         # outlier rule of the default threshold, in robust standard deviations
 NEIGHBOURS = 8  # k: other centers kept per center (pairs and the faces check)
 JSON_ROWS = 1000  # rows of each table listed in the JSON summary (the CSV files hold all)
+# centers whose IVF probes found fewer than k others are searched again exactly while
+# (such centers) x (all centers) stays under this many products
+SEARCH_AGAIN_PAIRS = EXACT_PAIRS
 
 
 @dataclass
@@ -46,20 +49,37 @@ class Conflicts:
     face_own_cos: np.ndarray = None
     face_other_cos: np.ndarray = None
     timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # one line each: a search or threshold that could not do its job
 
     def label_pairs(self):
         return [(int(self.ids[a]), int(self.ids[b]), float(c)) for (a, b), c in zip(self.pairs, self.cosines)]
 
 
+EDGE = 1e-3  # a default threshold this near -1 or 1 (or past them) decides nothing
+
+
 def default_threshold(nearest_other, z=Z):
-    """T = median(s) + z * 1.4826 * MAD(s), at most 1, over the nearest-other-center cosines s."""
+    """T = median(s) + z * 1.4826 * MAD(s), at most 1, over the nearest-other-center cosines s that were
+    found (NaN: a center whose search found no other center counts in neither the median nor the MAD)."""
     s = np.asarray(nearest_other, np.float64)
+    s = s[np.isfinite(s)]
     med = float(np.median(s))
     # a floor for sets too small or too uniform to have a spread (MAD 0 would pair half the identities)
     sigma = max(1.4826 * float(np.median(np.abs(s - med))), 1e-3)
     t = min(1.0, med + z * sigma)
     return t, {"rule": f"median + {z:g} * 1.4826 * MAD of each center's nearest-other-center cosine",
-               "median": med, "robust_sigma": sigma, "z": z}
+               "median": med, "robust_sigma": sigma, "z": z, "identities_counted": int(len(s))}
+
+
+def threshold_warning(t, rule, n_ids):
+    """A line when the default threshold lies at an end of [-1, 1], where it separates nothing."""
+    raw = rule["median"] + rule["z"] * rule["robust_sigma"]
+    if -1 + EDGE < raw < 1 - EDGE:
+        return None
+    return (f"the default threshold reaches {t:.4f} (median {rule['median']:.4f} + {rule['z']:g} x robust sigma "
+            f"{rule['robust_sigma']:.4f} = {raw:.4f}): on {n_ids} identities the nearest-other-center cosines do not "
+            f"single out outliers, so " + ("no pair can exceed it" if raw > 0 else "every pair exceeds it") +
+            "; give --threshold")
 
 
 def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOURS, faces=True,
@@ -89,9 +109,28 @@ def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOU
     S, I = _others(S, I, k)
     log(f"{info['method']} search of {k} nearest centers in "
         f"{timings.get('train_add_s', 0) + timings.get('search_s', 0):.1f} s")
-    s = np.where(I[:, 0] >= 0, S[:, 0], -1.0).astype(np.float32)
+    warnings = []
+    short = np.flatnonzero((I < 0).any(axis=1))  # the IVF probes held fewer than k other centers
+    if len(short) and len(short) * len(ids) <= SEARCH_AGAIN_PAIRS:
+        S2, I2, _ = nearest(C[short], C, k + 1, device=device, method="exact")
+        S[short], I[short] = _others(S2, I2, k, own=short)
+        info["searched_again_exactly"] = int(len(short))
+        log(f"{len(short)} centers whose IVF probes held fewer than {k} others searched again exactly")
+    elif len(short):
+        missed = int((I[:, 0] < 0).sum())
+        warnings.append(f"{missed} of {len(ids)} identity centers found no other center in their IVF probes (nprobe "
+                        f"{info.get('nprobe')} of nlist {info.get('nlist')}), and {len(short)} fewer than the {k} "
+                        f"asked: only the centers found count, in the threshold and in the pairs; raise --nprobe or "
+                        f"use --method exact")
+    s = np.where(I[:, 0] >= 0, S[:, 0], np.nan).astype(np.float32)
     if threshold is None:
+        if not np.isfinite(s).any():
+            raise ValueError(f"no identity center found another center in its IVF probes (nprobe {info.get('nprobe')} "
+                             f"of nlist {info.get('nlist')}); raise --nprobe, use --method exact or give --threshold")
         threshold, rule = default_threshold(s)
+        line = threshold_warning(threshold, rule, len(ids))
+        if line:
+            warnings.append(line)
     else:
         rule = {"rule": "given"}
     a = np.repeat(np.arange(len(ids)), k).reshape(len(ids), k)
@@ -102,7 +141,7 @@ def find_conflicts(features, labels, *, threshold=None, centers=None, k=NEIGHBOU
     cos = pc[first] if len(pc) else np.zeros(0, np.float32)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -cos)) if len(cos) else np.zeros(0, np.int64)
     out = Conflicts(ids, counts, pairs.reshape(-1, 2)[order], cos[order], float(threshold), rule,
-                    dict(info, k=k), s, timings=timings)
+                    dict(info, k=k), s, timings=timings, warnings=warnings)
     if faces:
         t0 = time.perf_counter()
         _flag_faces(out, features, labels, C, norms if centers is None else None, I, device, chunk_rows, progress)
@@ -118,9 +157,10 @@ def find_identity_conflicts(features, labels, threshold=None, centers=None):
     return find_conflicts(features, labels, threshold=threshold, centers=centers, faces=False).label_pairs()
 
 
-def _others(S, I, k):
-    """The k nearest centers other than the query itself (its own row is dropped wherever it stands)."""
-    own = I == np.arange(len(I))[:, None]
+def _others(S, I, k, own=None):
+    """The k nearest centers other than the query itself (its own row, ``own`` or the query's position,
+    is dropped wherever it stands)."""
+    own = I == (np.arange(len(I)) if own is None else np.asarray(own))[:, None]
     # rows missing themselves (an IVF cell boundary tie) lose their last neighbour instead
     drop = own | (~own.any(1, keepdims=True) & (np.arange(I.shape[1]) == I.shape[1] - 1))
     keep = ~drop
@@ -211,14 +251,26 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         "faces": int(len(labels)), "identities": int(len(res.ids)), "pairs": len(pairs),
         "identities_in_pairs": int(len(np.unique(res.pairs))), "flagged_faces": len(faces),
         "threshold": res.threshold, "threshold_rule": res.rule, "search": res.search,
-        "nearest_other_cosine_quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.99", "0.999")},
+        "nearest_other_cosine_quantiles": {q: float(np.nanquantile(s, float(q))) if np.isfinite(s).any() else None
+                                           for q in ("0.5", "0.9", "0.99", "0.999")},
         "timings_s": {name: round(v, 3) for name, v in res.timings.items()},
     })
+    warnings = list(res.warnings)
+    if drop:
+        gone = dropped_rows(res, labels, drop_mode)
+        keep = np.setdiff1d(np.arange(len(labels)), gone)
+        if not len(keep):
+            raise ValueError(f"--drop {drop}: the {drop_mode} drop removes every one of the {len(labels)} faces, so "
+                             f"the index would be empty; check --threshold ({res.threshold:.4f}), --centers and the "
+                             f"model")
+        if not len(gone):
+            what = "conflicting pair" if drop_mode == "identity" else "face nearer another identity's center"
+            warnings.append(f"--drop {drop} drops nothing (no {what} at threshold {res.threshold:.4f}): the index "
+                            f"lists every face of the dataset")
+    info["warnings"] = warnings
     paths = conflict_outputs(out) + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
     with output_set(paths) as tmps:
         if drop:
-            gone = dropped_rows(res, labels, drop_mode)
-            keep = np.setdiff1d(np.arange(len(labels)), gone)
             write_idx(tmps[3], keys[keep], np.asarray(offsets)[keep])
             info["drop"] = {"index": drop, "mode": drop_mode, "dropped_faces": int(len(gone)),
                             "kept_faces": int(len(keep)),

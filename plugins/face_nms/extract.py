@@ -35,6 +35,7 @@ from .files import atomic_output
 from .decode import RecordImages
 from .features import META_KEYS
 from .locks import FolderLock
+from .model_check import check_first_batch
 from .models import Ready, first_line
 from .provenance import dataset_provenance, differences, model_provenance, provenance_differences
 from .recordio_index import RecordIOError, read_index, rec_paths
@@ -284,8 +285,10 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
         marker.flush()
         os.fsync(marker.fileno())
 
-    def store(out, s, b, handle):
+    def store(out, s, b, handle, images=None):
         f = handle.result()
+        if images is not None:  # the first batch of the run: a model whose features carry nothing stops here
+            check_first_batch(f, images, getattr(model, "name", type(model).__name__), rec, b)
         if not np.all(np.isfinite(f)):
             raise FloatingPointError(f"the model gave non-finite features for records {b}..{b + len(f) - 1} "
                                      f"of {rec}; check the checkpoint")
@@ -302,6 +305,7 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     launch = getattr(model, "launch", None) or (lambda images, flip: Ready(model(images, flip)))
     it = iter(loader)
     t0 = time.time()
+    first = True
     # batch k runs on the device while batch k-1 is stored; chunk k is written while chunk k+1 runs
     try:
         with ThreadPoolExecutor(1) as writer:
@@ -311,10 +315,12 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
                 out = np.empty((e - s, feats.shape[1]), np.float16)
                 pending = None
                 for b in range(s, e, batch_size):
-                    handle = launch(batch(), flip)
+                    images = batch()
+                    handle = launch(images, flip)
                     if pending is not None:
                         store(out, s, *pending)
-                    pending = (b, handle)
+                    pending = (b, handle, images if first else None)
+                    first = False
                 store(out, s, *pending)
                 if written is not None:
                     written.result()

@@ -225,9 +225,24 @@ def check_feature_folder(feature_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing; the extraction is incomplete: {again}")
         try:
-            np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"{path} is not a .npy array file ({exc}); the extraction is damaged: {again}") from None
+        native_array(path, array, "f" if name == "features.npy" else "iu")
+
+
+def native_array(path, array, kinds):
+    """Refuses an array of another byte order than this machine's, or of another kind of number
+    (``kinds``: numpy dtype kinds), as extract writes none: every command reads them alike."""
+    dtype = array.dtype
+    if dtype.kind not in kinds:
+        what = "float features" if kinds == "f" else "integer labels and keys"
+        raise ValueError(f"{path} holds {dtype} values, not {what} as extract writes them; extract again")
+    if not dtype.isnative:
+        order = "big-endian" if dtype.byteorder == ">" else "little-endian"
+        native = "<" if np.dtype("=i2").str[0] == "<" else ">"
+        raise ValueError(f"{path} holds {order} values ({dtype.str}), not this machine's byte order: convert it with "
+                         f"np.save(path, np.load(path).astype('{native}{dtype.str[1:]}')) or extract again")
 
 
 def rec_folder(rec_dir):
@@ -390,8 +405,10 @@ def check_overlap(args):
     feature_folder(args.features)
     model = args.checkpoint or args.onnx
     inputs = dataset_files(args.rec) + feature_files(args.features) + [(model, f"the model {model}")]
+    from .eval_bin import check_file
     for i, path in enumerate(args.bin):
         input_file(path, "--bin", "evaluation .bin file")
+        check_file(path)
         if any(same_file(path, other) for other in args.bin[:i]):
             raise UsageError(f"--bin {path} is given twice; give each evaluation set once")
         inputs.append((path, f"the evaluation set {path}"))

@@ -37,6 +37,7 @@ from .centers import identity_centers, leave_one_out
 from .neighbours import nearest
 
 NEIGHBOURS = 5  # k: centers kept per evaluation face
+EDGE = 1e-3  # a default threshold this near -1 or 1 matches every face or none
 SAMPLE = 20_000  # training faces that estimate the default threshold (medians and MADs)
 
 
@@ -50,6 +51,7 @@ class Overlap:
     threshold_rule: dict
     search: dict
     sets: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # one line each: a threshold that cannot separate
 
     def labels(self):
         """Sorted unique training labels matched in any set."""
@@ -108,6 +110,13 @@ def search_overlap(train_features, train_labels, eval_sets, threshold=None, *, k
                 f"{rule['genuine_median']:.3f} and {rule['impostor_median']:.3f}, {rule['separation']:.1f} spreads "
                 f"from the threshold {threshold:.4f}): expect missed overlap and false matches")
     result = Overlap(float(threshold), rule, dict(info, k=kk))
+    if rule["rule"] != "given" and not -1 + EDGE < threshold < 1 - EDGE:
+        result.warnings.append(
+            f"the default threshold is {threshold:.4f}, at the end of [-1, 1] (genuine and impostor medians "
+            f"{rule['genuine_median']:.4f} and {rule['impostor_median']:.4f}): the model gives every training face "
+            f"nearly one feature, so the overlap " + ("holds no identity or only copies" if threshold > 0 else
+                                                      "holds every identity") +
+            "; check the model, or give --threshold")
     start = len(rows)
     for e in evals:
         s, i = S[start:start + len(e)], I[start:start + len(e)]
@@ -245,11 +254,17 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
                         "matched_images": sum(e["matched_images"] for e in report["bins"]),
                         "evaluation_images": sum(e["images"] for e in report["bins"])}
     report["exclusion"] = None
+    report["warnings"] = list(result.warnings)
     paths = [out]
     if exclude:
         report["exclusion"], summary, keys, offsets = _exclusion(exclude, rec_dir, labels, found, meta, out)
+        if not len(found):
+            report["warnings"].append(f"the exclusion index {exclude} lists every training face: no training "
+                                      f"identity matches an evaluation image at threshold {result.threshold:.4f}")
         from .guards import same_file
         paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
+    for line in report["warnings"]:
+        log(f"face_nms overlap: warning: {line}")
     _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None)
     return report
 

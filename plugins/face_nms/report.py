@@ -39,6 +39,7 @@ def summary(sel, labels):
         "nearest_kept_cosine_quantiles": {q: float(np.quantile(nn, float(q))) for q in ("0.5", "0.9", "0.99")}
         if len(nn) else {},
         "threshold_search": [[float(t), float(f)] for t, f in sel.search],
+        "warnings": list(getattr(sel, "warnings", [])),
     }
 
 

@@ -41,6 +41,7 @@ class Selection:
     passes: int = 1  # streamed passes over the features
     source: str = "memory"  # how the rows were read: memory, spill or passes
     file_reads: int = 0  # sequential reads of the whole feature file (several per pass for "passes")
+    warnings: list = field(default_factory=list)  # one line each: a request the selection could not follow
 
     @property
     def kept(self):
@@ -186,6 +187,29 @@ class _Run:
         return rows[order], nn[order]
 
 
+def selection_warnings(sel, labels, ratio=None):
+    """Lines saying what a selection could not do: a ratio out of reach, nothing to suppress, nothing dropped."""
+    sizes = np.bincount(np.asarray(labels, np.int64))
+    n_ids, total = int((sizes > 0).sum()), sel.total
+    if n_ids == total:
+        return [f"every identity has one face ({n_ids} identities): NMS has nothing to suppress and every face is "
+                f"kept; check that the dataset's labels are identities, not one label per face"]
+    floor = n_ids / total
+    if ratio is not None and abs(sel.fraction - ratio) > RATIO_TOLERANCE:
+        if ratio < floor:
+            least = np.ceil(floor * 1000) / 1000
+            return [f"ratio {ratio:g} is out of reach: the least a selection keeps is {floor:.2%} (one face of each "
+                    f"identity, {n_ids} of {total} faces), and it keeps {sel.fraction:.2%}; ask for --ratio "
+                    f"{least:g} or more"]
+        at = f" at threshold {sel.threshold:.4f}" if sel.threshold is not None else ""
+        return [f"ratio {ratio:g} is not reached: the closest kept fraction is {sel.fraction:.2%}{at} (faces of one "
+                f"cosine are kept or dropped together); take this selection or ask for another --ratio"]
+    if sel.kept == total and (ratio is None or ratio < 1):
+        return [f"the selection keeps every face ({total}): no two faces of an identity have a cosine above the "
+                f"threshold {sel.threshold:.4f}; lower --threshold to drop near-duplicates"]
+    return []
+
+
 def _grid(lo, hi, k=MAX_THRESHOLDS):
     return np.unique(np.linspace(lo, hi, k))
 
@@ -291,9 +315,11 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         nn_rows, nn = run.nearest(threshold)
     finally:
         reader.close()
-    return Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
-                     order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes,
-                     source=reader.source, file_reads=reader.passes_over_file)
+    sel = Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
+                    order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes,
+                    source=reader.source, file_reads=reader.passes_over_file)
+    sel.warnings = selection_warnings(sel, labels, ratio)
+    return sel
 
 
 @_exact_matmul()
@@ -317,14 +343,18 @@ def global_only(features, labels, *, ratio, order="hard-first", centers=None, se
                 keep.append(rs.cpu().numpy()[first])
     finally:
         reader.close()
-    return Selection(keep=np.sort(np.concatenate(keep)), method="global", order=order, total=len(labels),
-                     source=reader.source)
+    sel = Selection(keep=np.sort(np.concatenate(keep)), method="global", order=order, total=len(labels),
+                    source=reader.source)
+    sel.warnings = selection_warnings(sel, labels, ratio)
+    return sel
 
 
 def random_baseline(labels, *, ratio, seed=0):
     """Ablation: a random per-identity sample of the same ratio."""
     labels = np.asarray(labels, np.int64)
-    return Selection(keep=random_subset(labels, ratio, seed), method="random", order="random", total=len(labels))
+    sel = Selection(keep=random_subset(labels, ratio, seed), method="random", order="random", total=len(labels))
+    sel.warnings = selection_warnings(sel, labels, ratio)
+    return sel
 
 
 def run_method(method, features, labels, *, ratio=None, threshold=None, order="hard-first", **kw):
