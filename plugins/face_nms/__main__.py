@@ -1,4 +1,4 @@
-"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,demo}"""
+"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,combine,demo}"""
 import argparse
 import copy
 import os
@@ -196,6 +196,16 @@ def cmd_overlap(args):
     return r
 
 
+def cmd_combine(args):
+    from .combine import describe_sources, write_combined
+    guards.check_combine(args)
+    with guards.writing(f"{args.out} or its summary"):
+        summary = write_combined(args.rec, args.index, args.out)
+    print(f"wrote {args.out}: {summary['kept']} of {summary['total']} faces ({summary['kept_fraction']:.1%}) are in "
+          f"every index; {describe_sources(summary)}; summary {os.path.splitext(args.out)[0]}.json")
+    return summary
+
+
 def cmd_demo(args):
     from .demo import run_demo
     guards.check_demo(args)
@@ -313,6 +323,13 @@ def main(argv=None):
     s.add_argument("--page-rows", type=guards.non_negative, default=200,
                    help="matched identities shown per .bin on the page, highest cosine first (the rest counted)")
     s.set_defaults(func=cmd_overlap)
+
+    s = sub.add_parser("combine", help="one filtered .idx of the records in every given index (selection, conflicts "
+                                       "drop, overlap exclusion), with its summary")
+    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--index", required=True, action="append", help="a filtered .idx of that folder (repeat)")
+    s.add_argument("--out", required=True, help="combined .idx to write; its summary <stem>.json goes beside it")
+    s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")

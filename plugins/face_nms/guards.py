@@ -412,6 +412,29 @@ def check_overlap(args):
     check_feature_folder(args.features)
 
 
+def check_combine(args):
+    """Two or more --index files of the dataset, each once; an --out .idx that replaces none of them."""
+    from .combine import combined_outputs
+    rec_folder(args.rec)
+    if len(args.index) < 2:
+        raise UsageError("give two or more --index files to combine (the records in every one are kept)")
+    inputs = dataset_files(args.rec)
+    for i, path in enumerate(args.index):
+        if not path:
+            raise UsageError("--index is empty: give a filtered .idx file")
+        input_file(path, "--index", ".idx file")
+        if any(same_file(path, other) for other in args.index[:i]):
+            raise UsageError(f"--index {path} is given twice; give each filtered index once")
+        inputs += [(path, f"the --index file {path}"),
+                   (os.path.splitext(path)[0] + ".json", f"the summary of --index {path}")]
+    if not args.out.endswith(".idx"):
+        raise UsageError(f"--out {args.out}: name the combined index .idx (its summary <stem>.json goes beside it)")
+    outputs = combined_outputs(args.out)
+    refuse_replacing(outputs, inputs)
+    for path in outputs:
+        writable_file(path, "--out" if path == args.out else f"--out {args.out}: summary")
+
+
 DEMO_NAMES = ("faces", "features")
 
 
