@@ -54,7 +54,8 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
              f"{info['threshold']:.4f}</b> ({e(why)}).</p>",
              f"<p class='rule'>{info['pairs']:,} conflicting pairs among {info['identities']:,} identities "
              f"({info['faces']:,} faces); {info['flagged_faces']:,} faces nearer another identity's center than "
-             f"their own. Each pair is most likely one person under two labels: look at both sides. "
+             f"their own. Each pair is most likely one person under two labels: look at both sides (up to "
+             f"{FACES_PER_IDENTITY} faces each, record keys under them). "
              f"<code>--drop</code> removes the smaller identity of each pair (marked), "
              f"<code>--drop-mode faces</code> the flagged faces.</p>"]
     if reason:

@@ -135,7 +135,8 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
     thumbs = {int(r): _thumbnail(images[i].numpy()) for i, r in enumerate(need)}
 
     def img(row, role):
-        return (f"<img class='thumb {role}' src='{thumbs[int(row)]}' width='{THUMB}' height='{THUMB}' "
+        return (f"<img class='thumb {role}' data-ref='key {int(keys[row])}' src='{thumbs[int(row)]}' width='{THUMB}' "
+                f"height='{THUMB}' "
                 f"alt='key {int(keys[row])}' title='{role} face, record key {int(keys[row])}'>")
 
     def cell(row, role):

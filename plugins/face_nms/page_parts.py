@@ -118,10 +118,11 @@ def rows_of(labels, wanted):
     return {int(labels[g[0]]): g for g in groups}
 
 
-def img(src, role, key_text, caption):
-    """A thumbnail with its caption under it (``role``: what the face is, e.g. kept, dropped)."""
-    return (f"<figure class='face-thumb {role}'><img class='thumb {role}' src='{src}' width='{THUMB}' "
-            f"height='{THUMB}' alt='{e(role)} {e(key_text)}' title='{e(role)} {e(key_text)}'>"
+def img(src, role, ref, caption):
+    """A thumbnail with its caption under it. ``role``: what the face is (kept, flagged, evaluation, ...);
+    ``ref``: where it comes from ("key 17": a record of train.rec, "image 4": of a .bin)."""
+    return (f"<figure class='face-thumb {role}'><img class='thumb {role}' data-ref='{e(ref)}' src='{src}' "
+            f"width='{THUMB}' height='{THUMB}' alt='{e(role)} {e(ref)}' title='{e(role)} {e(ref)}'>"
             f"<figcaption>{caption}</figcaption></figure>")
 
 
