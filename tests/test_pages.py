@@ -18,6 +18,7 @@ from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.eval_bin import decode, read_bin
 from plugins.face_nms.extract import RecordImages, TorchModel, extract_features
+from plugins.face_nms.conflicts_page import FLAGGED_SIDE
 from plugins.face_nms.page_parts import FACES_PER_IDENTITY, THUMB
 from plugins.face_nms.recordio_index import image_records, read_index
 
@@ -121,6 +122,7 @@ def test_conflicts_page_shows_the_csv_pairs_and_faces_with_their_records(ds):
         assert_same_image(src, recs[int(a["key"])][1], flag)
         own, other = cells[3], cells[4]
         assert own and other and int(a["key"]) not in {key_of(t) for t, _ in own}
+        assert len(own) <= FLAGGED_SIDE and len(other) == min(FLAGGED_SIDE, sizes[int(a["other-label"])])
         assert all(recs[key_of(t)][0] == int(a["label"]) for t, _ in own)
         assert all(recs[key_of(t)][0] == int(a["other-label"]) for t, _ in other)
         for t, s in own + other:
@@ -230,6 +232,8 @@ def test_selection_page_labels_each_pair_and_writes_numbers_in_words(ds):
     assert not re.search(r"\d\.\d{7,}", visible)
     sha = info["dataset"]["train_idx_sha256"]
     assert sha not in page and sha[:12] in numbers
+    size = info["dataset"]["train_rec_bytes"]
+    assert f"{size / 1e6:.1f} MB ({size:,} bytes)" in visible
     assert f"fraction kept</th><td>{info['kept_fraction']:.1%}" in numbers
     assert f"faces kept</th><td>{info['kept']:,}" in numbers
 

@@ -3,8 +3,8 @@
 One row per pair (most similar first, up to ``rows``; the rest counted): both labels, their sizes,
 the cosine of their centers, and up to ``FACES_PER_IDENTITY`` faces of each identity spread over
 its records, so that "same person" or "not" is a glance. Then the faces nearer another identity's
-center than their own (``_faces.csv``, most similar first), each beside faces of its own identity
-and of the other one. Rows are filtered and sorted by cosine in the page (inline script, nothing
+center than their own (``_faces.csv``, most similar first), each beside ``FLAGGED_SIDE`` faces of
+its own identity and of the other one. Rows are filtered and sorted by cosine in the page (inline script, nothing
 fetched). The rows are those of the CSV tables, with the same rounded values.
 """
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record_thumbnails, rows_of, spread
 
 PAGE_ROWS = 200
+FLAGGED_SIDE = 4  # faces of each identity beside a flagged face (three images of 64 px fit a row)
 
 
 def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, rec_dir, rows=PAGE_ROWS):
@@ -36,8 +37,8 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
         from .guards import describe
         thumbs, reason = {}, describe(exc)
 
-    def faces_of(label, role, skip=None, pick=None):
-        rs = [r for r in (pick if pick is not None else sample[label]) if r != skip][:FACES_PER_IDENTITY]
+    def faces_of(label, role, skip=None, pick=None, n=FACES_PER_IDENTITY):
+        rs = [r for r in (pick if pick is not None else sample[label]) if r != skip][:n]
         out = "".join(img(thumbs[r], role, f"key {int(keys[r])}", f"{int(keys[r])}") for r in rs if r in thumbs)
         n = len(groups[label]) - (1 if skip is not None else 0) - len(rs)
         return f"<div class='faces'>{out}{more(n, 'faces')}</div>"
@@ -81,8 +82,8 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
                                        if len(pairs) > len(shown_pairs) else ""))
     parts.append(f"<h2>Faces nearer another identity's center, most similar first ({len(shown_faces):,} of "
                  f"{len(faces):,})</h2><p class='legend'>Each flagged face (red frame), its cosine to its own "
-                 f"identity's center (computed without it) and to the other identity's center, beside faces of "
-                 f"both.</p><table class='rows' id='faces'><thead><tr><th>#</th><th>cosine own / other</th>"
+                 f"identity's center (computed without it) and to the other identity's center, beside up to "
+                 f"{FLAGGED_SIDE} faces of each.</p><table class='rows' id='faces'><thead><tr><th>#</th><th>cosine own / other</th>"
                  f"<th>flagged face</th><th>its identity</th><th>the other identity</th></tr></thead><tbody>")
     for i, (f, r) in enumerate(shown_faces, 1):
         own_pick = spread(groups[f["label"]], FACES_PER_IDENTITY + 1)
@@ -91,9 +92,10 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
                      f"data-other-label='{f['other_label']}' data-cosine-own='{f['cosine_own']!r}' "
                      f"data-cosine='{f['cosine_other']!r}'><td class='num'>{i}</td><td class='num'>"
                      f"{f['cosine_own']:.4f} / {f['cosine_other']:.4f}</td><td><div class='faces'>{face}</div></td>"
-                     f"<td><div class='who'>identity {f['label']}</div>{faces_of(f['label'], 'own', r, own_pick)}</td>"
+                     f"<td><div class='who'>identity {f['label']}</div>"
+                     f"{faces_of(f['label'], 'own', r, own_pick, FLAGGED_SIDE)}</td>"
                      f"<td><div class='who'>identity {f['other_label']}</div>"
-                     f"{faces_of(f['other_label'], 'other')}</td></tr>")
+                     f"{faces_of(f['other_label'], 'other', n=FLAGGED_SIDE)}</td></tr>")
     parts.append("</tbody></table>" + (f"<p class='more' id='faces-more'>{len(faces) - len(shown_faces):,} more "
                                        f"flagged faces are in the _faces.csv table</p>"
                                        if len(faces) > len(shown_faces) else ""))

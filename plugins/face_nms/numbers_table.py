@@ -66,10 +66,11 @@ def _number(key, value):
 
 
 def _bytes(n):
+    size = float(n)
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,} bytes" if unit == "bytes" else f"{n:.1f} {unit} ({n:,} bytes)"
-        n /= 1000
+        if size < 1000 or unit == "TB":
+            return f"{n:,} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n:,} bytes)"
+        size /= 1000
 
 
 def _percentile(q):
@@ -90,8 +91,8 @@ def _histogram(hist):
 
 def _search(pairs):
     rows = "".join(f"<tr><td>{float(t):.5f}</td><td>{float(f):.2%}</td></tr>" for t, f in sorted(pairs))
-    return (f"<div class='search'><table class='search'><tr><th>threshold</th><th>kept fraction</th></tr>{rows}"
-            f"</table></div>")
+    return (f"<details class='search'><summary>{len(pairs)} thresholds tried</summary><div class='search'>"
+            f"<table class='search'><tr><th>threshold</th><th>kept fraction</th></tr>{rows}</table></div></details>")
 
 
 def _records(items):
