@@ -165,7 +165,8 @@ def cmd_conflicts(args):
         from .conflicts_page import conflicts_page
         with open(path, "w", encoding="utf-8") as f:
             f.write(conflicts_page(f"Identity conflicts: {os.path.basename(args.out)}", info, pairs, faces,
-                                   res.face_rows, labels, keys, rec_offsets, args.rec, rows=args.page_rows))
+                                   res.face_rows, labels, keys, rec_offsets, args.rec, rows=args.page_rows,
+                                   log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr)))
     with guards.writing(f"{args.out} or the tables and page beside it"):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "

@@ -15,10 +15,12 @@ PAGE_ROWS = 200
 FLAGGED_SIDE = 4  # faces of each identity beside a flagged face (three images of 64 px fit a row)
 
 
-def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, rec_dir, rows=PAGE_ROWS):
+def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, rec_dir, rows=PAGE_ROWS, log=None):
     """The page's HTML. ``pairs``/``faces``: the rows of ``_pairs.csv``/``_faces.csv`` (dicts);
     ``face_rows``: the feature row of each flagged face; ``labels``/``keys``/``offsets``: one per
-    feature row (the image records of ``rec_dir``, train.idx order); ``rows``: rows shown per table."""
+    feature row (the image records of ``rec_dir``, train.idx order); ``rows``: rows shown per table.
+    A record that cannot be decoded costs the faces only: the page holds the tables and says why,
+    and ``log`` is told."""
     labels = np.asarray(labels, np.int64)
     shown_pairs = pairs[:rows]
     order = sorted(range(len(faces)), key=lambda i: (-faces[i]["cosine_other"], faces[i]["key"]))[:rows]
@@ -36,6 +38,8 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
     except (ValueError, OSError) as exc:
         from .guards import describe
         thumbs, reason = {}, describe(exc)
+        if log:
+            log(f"the page shows no faces: {reason}; the tables are written")
 
     def faces_of(label, role, skip=None, pick=None, n=FACES_PER_IDENTITY):
         rs = [r for r in (pick if pick is not None else sample[label]) if r != skip][:n]
