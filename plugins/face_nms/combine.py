@@ -15,19 +15,22 @@ import numpy as np
 
 
 def combine_indexes(rec_dir, paths):
-    """(keys, offsets, summary) of the records of ``rec_dir`` listed by every index of ``paths``."""
+    """(keys, offsets, summary) of the records of ``rec_dir`` listed by every index of ``paths``.
+
+    Only train.idx and the headers of a sample of kept records are read (as the training filter
+    reads a single index), so combining costs training no pass over the labels of every record."""
     from .extract import dataset_provenance
     from .filter import check_index_dataset
-    from .recordio_index import RecordIOError, load_filtered_index, read_index
-    from .report import index_summary
+    from .recordio_index import RecordIOError, image_records, load_filtered_index, rec_paths, record_labels
+    from .report import LABEL_SAMPLE
     if not paths:
         raise ValueError("no filtered index to combine: give at least one")
-    full = read_index(rec_dir)
+    _, all_keys, all_offsets = image_records(rec_dir)
     masks = []
     for path in paths:
         keys = load_filtered_index(path, rec_dir)
         check_index_dataset(path, rec_dir, keys)
-        masks.append(np.isin(full.keys, keys))
+        masks.append(np.isin(all_keys, keys))
     keep = np.logical_and.reduce(masks)
     if not keep.any():
         raise RecordIOError(f"the filtered indexes {', '.join(paths)} have no record in common: their combination "
@@ -38,12 +41,16 @@ def combine_indexes(rec_dir, paths):
             np.ones(len(m), bool)
         sources.append({"index": os.path.abspath(path), "kept": int(m.sum()), "removed": int((~m).sum()),
                         "removed_by_it_alone": int((others & ~m).sum())})
-    summary = index_summary(full.labels, keep, full.keys, dataset_provenance(rec_dir),
-                            method="combined (records in every index)", sources=sources,
-                            removed=int((~keep).sum()), identities=int((np.bincount(full.labels) > 0).sum()),
-                            identities_kept=int(len(np.unique(full.labels[keep]))))
-    summary["kept_fraction"] = float(keep.mean())
-    return full.keys[keep], full.offsets[keep], summary
+    keys, offsets = all_keys[keep], all_offsets[keep]
+    # the label sample the training filter compares with config.rec (as report.label_sample picks it)
+    pick = np.unique(np.linspace(0, len(keys) - 1, min(LABEL_SAMPLE, len(keys))).astype(np.int64))
+    labels = record_labels(rec_paths(rec_dir)[0], keys[pick], offsets[pick])
+    dataset = dict(dataset_provenance(rec_dir), label_sample={"keys": keys[pick].tolist(),
+                                                              "labels": labels.tolist()})
+    summary = {"method": "combined (records in every index)", "sources": sources, "kept": int(keep.sum()),
+               "total": int(len(keep)), "kept_fraction": float(keep.mean()), "removed": int((~keep).sum()),
+               "dataset": dataset}
+    return keys, offsets, summary
 
 
 def combined_outputs(out):
