@@ -182,6 +182,16 @@ def test_a_conflicts_page_without_decodable_records_keeps_its_tables(ds, tmp_pat
     assert len(said) == 1 and "shows no faces" in said[0]
 
 
+def test_page_rows_must_be_a_count(ds, world, tmp_path, capsys):  # noqa: F811
+    from test_cli import one_line
+    for value in ("-1", "x"):
+        one_line(*cli(["conflicts", "--features", ds["feats"], "--rec", ds["rec"], "--out", str(tmp_path / "c.json"),
+                       "--page-rows", value], capsys), 2, "--page-rows", value)
+        one_line(*cli(overlap(world, "--out", str(tmp_path / "o.json"), "--page-rows", value), capsys), 2,
+                 "--page-rows", value)
+    assert os.listdir(tmp_path) == []
+
+
 # ---- the overlap page ----
 
 def test_overlap_page_shows_the_report_matches_with_their_images(world, tmp_path, capsys):  # noqa: F811
