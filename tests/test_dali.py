@@ -79,3 +79,28 @@ def test_dali_reads_exactly_the_kept_records_in_index_order(filtered):
         ref = mx.image.imdecode(payload).asnumpy()  # RGB, as the host's MXFaceDataset decodes
         assert img.shape == (112, 112, 3) and img.dtype == np.uint8
         assert np.abs(img.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def test_dali_reads_the_combined_index_of_the_training_filter(tmp_path):
+    """config.face_nms = dict(index=[a, b]): DALI's reader reads cfg.train_idx, the records in both."""
+    from types import SimpleNamespace
+
+    from plugins.face_nms.filter import face_nms_filter
+    images, labels, _ = synthetic_faces(n_ids=6, seed=2)
+    rec_dir = str(tmp_path / "ds")
+    write_recordio(rec_dir, images, labels, "im2rec", shuffle_seed=3)
+    index = read_index(rec_dir)
+    paths, masks = [], []
+    for seed in (1, 2):
+        rows = random_subset(index.labels, 0.7, seed=seed)
+        paths.append(write_idx(str(tmp_path / f"r{seed}.idx"), index.keys[rows], index.offsets[rows]))
+        masks.append(np.isin(index.keys, index.keys[rows]))
+    keep = masks[0] & masks[1]
+    cfg = SimpleNamespace(rec=rec_dir, face_nms=dict(index=paths), output=str(tmp_path / "run"),
+                          dataset_filter="face_nms")
+    cfg.get = lambda k, d=None: getattr(cfg, k, d)
+    face_nms_filter(cfg, SimpleNamespace(imgidx=None))
+    size, images_read, dali_labels = dali_read(rec_dir, cfg.train_idx, int(keep.sum()))
+    assert size == int(keep.sum()) < min(len(m.nonzero()[0]) for m in masks)
+    assert [float(np.ravel(lab)[0]) for lab in dali_labels] == index.labels[keep].astype(float).tolist()
+    assert all(img.shape == (112, 112, 3) for img in images_read)

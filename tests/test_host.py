@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from plugins.face_nms.demo import synthetic_faces, write_recordio
-from plugins.face_nms.recordio_index import read_index, write_idx
+from plugins.face_nms.recordio_index import read_idx, read_index, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSIGHTFACE_DIR = os.environ.get("INSIGHTFACE_DIR")
@@ -247,6 +247,35 @@ def test_face_nms_filter_on_the_host_dataset(installed, small_rec, tmp_path):
     assert res["labels"] == index.labels[rows].tolist()
     assert res["num_image"] == len(rows) and res["train_idx"] == idx
     assert res["shapes"] == [[3, 112, 112]]
+
+
+def test_face_nms_filter_list_on_the_host_dataset(installed, small_rec, tmp_path):
+    """config.face_nms = dict(index=[a, b]): the host's MXFaceDataset yields the records in both."""
+    _, at = installed
+    index = read_index(small_rec)
+    paths, masks = [], []
+    for seed in (0, 1):
+        rows = np.sort(np.random.default_rng(seed).choice(len(index), len(index) * 4 // 5, replace=False))
+        paths.append(write_idx(str(tmp_path / f"i{seed}.idx"), index.keys[rows], index.offsets[rows]))
+        masks.append(np.isin(index.keys, index.keys[rows]))
+    keep = masks[0] & masks[1]
+    out = run_in(at, f"""
+        import json
+        from easydict import EasyDict as edict
+        from dataset import MXFaceDataset
+        from plugins.registry import apply_dataset_filter
+        cfg = edict(rec={small_rec!r}, num_image=10 ** 9, dataset_filter="face_nms", face_nms=dict(index={paths!r}),
+                    output={str(tmp_path / "run")!r})
+        ds = apply_dataset_filter(cfg, MXFaceDataset(root_dir=cfg.rec, local_rank=0))
+        labels = [int(ds[i][1]) for i in range(len(ds))]
+        print(json.dumps({{"keys": [int(k) for k in ds.imgidx], "labels": labels, "num_image": cfg.num_image,
+                          "train_idx": cfg.train_idx}}))
+        """)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert 0 < keep.sum() < min(m.sum() for m in masks)
+    assert res["keys"] == index.keys[keep].tolist() and res["labels"] == index.labels[keep].tolist()
+    assert res["num_image"] == int(keep.sum()) and res["train_idx"] == str(tmp_path / "run" / "train_combined.idx")
+    assert read_idx(res["train_idx"])[0].tolist() == res["keys"]
 
 
 def test_mismatched_index_fails_at_start(installed, small_rec, tmp_path):

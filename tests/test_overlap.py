@@ -132,7 +132,8 @@ def test_cli_finds_the_planted_identities_at_the_default_threshold(world, tmp_pa
     ex = report["exclusion"]
     assert ex["kept"] == int(keep.sum()) and ex["removed_identities"] == len(found)
     assert json.load(open(tmp_path / "train_no_overlap.json"))["kept"] == int(keep.sum())
-    assert sorted(os.listdir(tmp_path)) == ["overlap.json", "train_no_overlap.idx", "train_no_overlap.json"]
+    assert sorted(os.listdir(tmp_path)) == ["overlap.html", "overlap.json", "train_no_overlap.idx",
+                                           "train_no_overlap.json"]
 
 
 def test_exclusion_index_is_accepted_by_the_training_filter(world, tmp_path, capsys):

@@ -1,4 +1,6 @@
-"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,demo}"""
+"""python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,combine,demo}"""
+import argparse
+import copy
 import os
 import signal
 import sys
@@ -178,16 +180,24 @@ def cmd_conflicts(args):
                          chunk_rows=args.chunk_rows, progress=True,
                          log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr))
     _, _, rec_offsets = image_records(args.rec)  # load_features checked: one image record per row, in order
-    with guards.writing(f"{args.out} or the tables beside it"):
+
+    def page(path, info, pairs, faces):
+        from .conflicts_page import conflicts_page
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(conflicts_page(f"Identity conflicts: {os.path.basename(args.out)}", info, pairs, faces,
+                                   res.face_rows, labels, keys, rec_offsets, args.rec, rows=args.page_rows,
+                                   log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr)))
+    with guards.writing(f"{args.out} or the tables and page beside it"):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
-                                      "features", "dataset": meta.get("provenance", {}).get("dataset")})
+                                      "features", "dataset": meta.get("provenance", {}).get("dataset")}, page=page)
     for line in info["warnings"]:
         print(f"face_nms conflicts: warning: {line}", file=sys.stderr)
     rule = "given" if args.threshold is not None else res.rule["rule"]
     print(f"threshold {res.threshold:.4f} ({rule}); {info['pairs']} conflicting pairs of {info['identities']} "
           f"identities, {info['flagged_faces']} faces nearer another identity's center "
-          f"[{res.search['method']} search]; wrote {args.out}" + (f", {args.drop}" if args.drop else ""))
+          f"[{res.search['method']} search]; wrote {args.out}, page {os.path.splitext(args.out)[0]}.html" +
+          (f", {args.drop}" if args.drop else ""))
     return info
 
 
@@ -198,15 +208,25 @@ def cmd_overlap(args):
         r = run_overlap(args.features, args.rec, args.bin, args.out, checkpoint=args.checkpoint, network=args.network,
                         embedding_size=args.embedding_size, onnx=args.onnx, exclude=args.exclude,
                         threshold=args.threshold, device=args.device, batch_size=args.batch_size,
-                        log=lambda line: print(line, file=sys.stderr))
+                        log=lambda line: print(line, file=sys.stderr), page_rows=args.page_rows)
     t = r["totals"]
     rule = "given" if args.threshold is not None else "robust equal-error point of the training set"
-    print(f"wrote {args.out}: {t['identities']} training identities ({t['training_faces_of_them']} faces) match "
+    print(f"wrote {args.out} (page {os.path.splitext(args.out)[0]}.html): {t['identities']} training identities ({t['training_faces_of_them']} faces) match "
           f"{t['matched_images']} of {t['evaluation_images']} evaluation images at threshold {r['threshold']:.4f} "
           f"({rule}; {r['search']['method']} search)" +
           (f"; exclusion index {args.exclude}: {r['exclusion']['kept']} of {t['training_faces']} faces" if
            args.exclude else ""))
     return r
+
+
+def cmd_combine(args):
+    from .combine import describe_sources, write_combined
+    guards.check_combine(args)
+    with guards.writing(f"{args.out} or its summary"):
+        summary = write_combined(args.rec, args.index, args.out)
+    print(f"wrote {args.out}: {summary['kept']} of {summary['total']} faces ({summary['kept_fraction']:.1%}) are in "
+          f"every index; {describe_sources(summary)}; summary {os.path.splitext(args.out)[0]}.json")
+    return summary
 
 
 def cmd_demo(args):
@@ -303,6 +323,9 @@ def main(argv=None):
     s.add_argument("--k", type=guards.positive, default=8, help="nearest other centers searched per identity")
     s.add_argument("--seed", type=guards.seed, default=0, help="IVF training sample")
     s.add_argument("--chunk-rows", type=guards.positive, default=1 << 16, help="rows read per block")
+    s.add_argument("--page-rows", type=guards.non_negative, default=200,
+                   help="pairs and flagged faces shown on the page <out stem>.html, most similar first (the rest "
+                        "counted)")
     s.set_defaults(func=cmd_conflicts)
 
     s = sub.add_parser("overlap", help="training identities that also appear in evaluation .bin files (LFW, ...)")
@@ -319,8 +342,17 @@ def main(argv=None):
     s.add_argument("--exclude", help="also write this filtered .idx: the training set without those identities")
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (model and search)")
     s.add_argument("--batch-size", type=guards.positive, default=256)
-    s.add_argument("--out", required=True, help="overlap report to write (.json)")
+    s.add_argument("--out", required=True, help="overlap report to write (.json); its page <stem>.html goes beside it")
+    s.add_argument("--page-rows", type=guards.non_negative, default=200,
+                   help="matched identities shown per .bin on the page, highest cosine first (the rest counted)")
     s.set_defaults(func=cmd_overlap)
+
+    s = sub.add_parser("combine", help="one filtered .idx of the records in every given index (selection, conflicts "
+                                       "drop, overlap exclusion), with its summary")
+    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--index", required=True, action="append", help="a filtered .idx of that folder (repeat)")
+    s.add_argument("--out", required=True, help="combined .idx to write; its summary <stem>.json goes beside it")
+    s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")
     s.add_argument("--work-dir", help="where to write it (default: a new temporary folder)")

@@ -208,9 +208,9 @@ def _flag_faces(out, features, labels, C, norms, I, device, chunk_rows, progress
 
 
 def conflict_outputs(out):
-    """The files ``conflicts --out`` writes: the JSON summary and two CSV tables beside it."""
+    """The files ``conflicts --out`` writes: the JSON summary, two CSV tables and the page beside it."""
     stem = out[:-5] if out.endswith(".json") else out
-    return [out, f"{stem}_pairs.csv", f"{stem}_faces.csv"]
+    return [out, f"{stem}_pairs.csv", f"{stem}_faces.csv", f"{stem}.html"]
 
 
 def dropped_rows(res, labels, mode):
@@ -224,9 +224,10 @@ def dropped_rows(res, labels, mode):
     return np.flatnonzero(np.isin(labels, res.ids[np.unique(smaller)]))
 
 
-def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="identity", extra=None):
-    """Writes the JSON summary, ``<stem>_pairs.csv``, ``<stem>_faces.csv`` and, with ``drop``, a
-    filtered .idx without the dropped records (``keys``/``offsets``: the image records, one per
+def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="identity", extra=None, page=None):
+    """Writes the JSON summary, ``<stem>_pairs.csv``, ``<stem>_faces.csv``, with ``page`` the page
+    ``<stem>.html`` (``page(path, info, pairs, faces)``, :mod:`.conflicts_page`) and, with ``drop``,
+    a filtered .idx without the dropped records (``keys``/``offsets``: the image records, one per
     feature row), as one set. Returns the summary."""
     import csv
     import json
@@ -268,31 +269,36 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
             warnings.append(f"--drop {drop} drops nothing (no {what} at threshold {res.threshold:.4f}): the index "
                             f"lists every face of the dataset")
     info["warnings"] = warnings
-    paths = conflict_outputs(out) + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
-    with output_set(paths) as tmps:
+    tables = conflict_outputs(out)[:3 if page is None else 4]
+    paths = tables + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
+    with output_set(paths, [""] * 3 + [".html"] * (page is not None) + [""] * (len(paths) - len(tables))) as tmps:
+        tmp_json, tmp_pairs, tmp_faces = tmps[:3]
+        tmp_drop, tmp_drop_summary = tmps[len(tables):] if drop else (None, None)
         if drop:
-            write_idx(tmps[3], keys[keep], np.asarray(offsets)[keep])
+            write_idx(tmp_drop, keys[keep], np.asarray(offsets)[keep])
             info["drop"] = {"index": drop, "mode": drop_mode, "dropped_faces": int(len(gone)),
                             "kept_faces": int(len(keep)),
                             "dropped_identities": int(len(np.setdiff1d(labels[gone], labels[keep])))}
             mask = np.zeros(len(labels), bool)
             mask[keep] = True
             # the summary the training filter checks the index against config.rec with
-            with open(tmps[4], "w") as f:
+            with open(tmp_drop_summary, "w") as f:
                 json.dump(index_summary(labels, mask, keys, info.get("dataset"), method=f"conflicts drop ({drop_mode})",
                                         conflicts_report=os.path.abspath(out), **info["drop"]), f, indent=1)
         # the JSON lists the first rows (most similar first); the CSV tables hold them all
         info["pairs_list"] = pairs[:JSON_ROWS]
         info["flagged_faces_list"] = faces[:JSON_ROWS]
         info["listed_rows"] = f"at most {JSON_ROWS} of each table; every row is in the CSV files"
-        with open(tmps[0], "w") as f:
+        with open(tmp_json, "w") as f:
             json.dump(info, f, indent=1)
-        for path, table in ((tmps[1], pairs), (tmps[2], faces)):
+        for path, table in ((tmp_pairs, pairs), (tmp_faces, faces)):
             with open(path, "w", newline="") as f:
-                names = list(table[0]) if table else (["label_a", "label_b", "size_a", "size_b", "cosine"]
-                                                      if path == tmps[1] else
+                columns = list(table[0]) if table else (["label_a", "label_b", "size_a", "size_b", "cosine"]
+                                                      if path == tmp_pairs else
                                                       ["key", "label", "other_label", "cosine_own", "cosine_other"])
-                w = csv.DictWriter(f, names)
+                w = csv.DictWriter(f, columns)
                 w.writeheader()
                 w.writerows(table)
+        if page is not None:
+            page(tmps[3], info, pairs, faces)
     return info

@@ -7,6 +7,12 @@ The dataset's index list (``imgidx``) is replaced by the kept record keys; the c
 is unchanged. ``cfg.num_image`` follows the filtered size and, with ``cfg.dali``, the DALI
 reader reads the same index file (``cfg.train_idx``).
 
+    config.face_nms = dict(index=[".../train_facenms60.idx", ".../train_noconflicts.idx",
+                                  ".../train_no_overlap.idx"])   # the records in every one
+
+trains on the intersection of several decisions (:mod:`.combine`), written once to
+``cfg.output``/train_combined.idx with its summary (the indexes, what each removed) for DALI.
+
     config.dataset_filter = "random"
     config.face_nms = dict(index=".../train_facenms60.idx", seed=0)   # same per-identity counts
     config.face_nms = dict(ratio=0.6, seed=0)                          # or a plain ratio
@@ -123,17 +129,70 @@ def _short(hist, other=None, k=4):
 
 @register_dataset_filter("face_nms")
 def face_nms_filter(cfg, dataset):
-    """Keeps the records listed in ``config.face_nms['index']`` (written by ``face_nms select``)."""
+    """Keeps the records listed in ``config.face_nms['index']`` (written by ``face_nms select``), or,
+    given a list of indexes, the records listed in every one (:mod:`.combine`)."""
     opts = _options(cfg)
     index, trust = opts.get("index"), opts.get("trust_index", False)
-    if not index:
-        raise ValueError("config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
-                         "plugins.face_nms select`)")
     if not isinstance(trust, bool):
         raise ValueError(f"config.face_nms['trust_index'] must be True or False, got {trust!r}")
+    if isinstance(index, (list, tuple)):
+        return _combined(cfg, dataset, list(index), trust)
+    if not index or not isinstance(index, (str, os.PathLike)):
+        raise ValueError(f"config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
+                         f"plugins.face_nms select`) or a list of them, got {index!r}")
     keys = load_filtered_index(index, cfg.rec)
     check_index_dataset(index, cfg.rec, keys, require=not trust)
     return _restrict(cfg, dataset, keys, index)
+
+
+COMBINED = "train_combined.idx"
+
+
+def _combined(cfg, dataset, paths, trust=False):
+    """The records in every index of ``paths``, written once (rank 0) to ``cfg.output``/train_combined.idx
+    with its summary, for DALI's reader (``cfg.train_idx``)."""
+    from .combine import combined_outputs, combine_indexes
+    from .files import output_set
+    bad = [p for p in paths if not p or not isinstance(p, (str, os.PathLike))]
+    if not paths or bad:
+        raise ValueError(f"config.face_nms['index'] lists {paths!r}; give one or more paths of filtered .idx files")
+    twice = next((p for i, p in enumerate(paths) if any(_same(p, q) for q in paths[:i])), None)
+    if twice is not None:
+        raise ValueError(f"config.face_nms['index'] lists {twice} twice; list each filtered index once")
+    out_dir = cfg.get("output", None) or "."
+    out = os.path.join(out_dir, COMBINED)
+    written = combined_outputs(out)
+    clash = next((p for p in paths for w in written + [os.path.join(cfg.rec, "train.idx")] if _same(p, w) or
+                  _same(os.path.splitext(p)[0] + ".json", w)), None)
+    if clash is not None:
+        raise ValueError(f"config.face_nms['index'] lists {clash}, which the combined index {out} (or its summary) "
+                         f"would replace; move it out of config.output or give a different config.output")
+    keys, offsets, summary = combine_indexes(cfg.rec, paths, require=not trust)
+    if _rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        from .recordio_index import write_idx
+        with output_set(written) as (tmp_idx, tmp_json):
+            write_idx(tmp_idx, keys, offsets)
+            with open(tmp_json, "w") as f:
+                json.dump(summary, f, indent=1)
+    _barrier()
+    return _restrict(cfg, dataset, keys, out)
+
+
+def _same(a, b):
+    from .guards import same_file
+    return same_file(str(a), str(b))
+
+
+def _rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 @register_dataset_filter("random")

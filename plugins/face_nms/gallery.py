@@ -12,25 +12,26 @@ Size: at most ``PER_IDENTITY`` kept faces and ``PER_IDENTITY`` dropped pairs per
 shown (the rest as "+n more"), so ``ids`` identities cost at most 3 x ``PER_IDENTITY`` x ``ids``
 thumbnails of about 2 KB (about 1.7 MB for the default 24), plus the plots.
 """
-import base64
-import html
 import io
-import json
 import os
 
 import numpy as np
 
 from .files import atomic_output
+from .numbers_table import numbers_table
+from .page_parts import THUMB, e as _e, thumbnail as _thumbnail, uri as _uri
 from .suppressors import HIST_ROWS, find_suppressors, histogram_identities
 
 GALLERY_IDS = 24
 PER_IDENTITY = 12
-THUMB = 64
-JPEG_QUALITY = 80
 
 _STYLE = """
 body{font:14px/1.4 sans-serif;margin:16px;color:#222;background:#fff}
-table{border-collapse:collapse}td{padding:1px 10px 1px 0;vertical-align:top}
+table{border-collapse:collapse}td,th{padding:1px 10px 1px 0;vertical-align:top;text-align:left}
+table.numbers>tbody>tr>th,table.numbers>tr>th{font-weight:normal;color:#555;max-width:280px}
+table.histogram td,table.histogram th,table.search td,table.search th,table.records td,table.records th{
+border:1px solid #ddd;padding:1px 6px;font-size:12px;font-weight:normal;text-align:right}
+div.search{max-height:180px;overflow-y:auto;display:inline-block}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{max-width:520px}.plots img{border:1px solid #ddd}
 .legend{color:#555}
 section{border-top:1px solid #ccc;padding:6px 0}
@@ -38,7 +39,8 @@ h3{margin:4px 0;font-size:15px}.why{color:#777;font-weight:normal}
 .faces{display:flex;flex-wrap:wrap;align-items:flex-end;gap:4px;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}
 figure.pair{border:1px solid #e3b3b3;padding:2px;background:#fdf3f3}
-figure.pair img+img{margin-left:2px}
+figure.pair .cell{display:inline-block;vertical-align:top;margin:0 1px}
+.role{display:block;font-weight:bold}.role.dropped{color:#a33}.role.suppressor{color:#363}
 img.thumb{width:%dpx;height:%dpx;display:inline-block}
 .more{color:#777;font-size:12px;padding:0 6px}
 """ % (THUMB, THUMB)
@@ -133,11 +135,18 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
     thumbs = {int(r): _thumbnail(images[i].numpy()) for i, r in enumerate(need)}
 
     def img(row, role):
-        return (f"<img class='thumb {role}' src='{thumbs[int(row)]}' width='{THUMB}' height='{THUMB}' "
+        return (f"<img class='thumb {role}' data-ref='key {int(keys[row])}' src='{thumbs[int(row)]}' width='{THUMB}' "
+                f"height='{THUMB}' "
                 f"alt='key {int(keys[row])}' title='{role} face, record key {int(keys[row])}'>")
 
+    def cell(row, role):
+        word = "dropped" if role == "dropped" else "kept"
+        return (f"<span class='cell'>{img(row, role)}<span class='role {role}'>{word}</span>"
+                f"<span class='key'>key {int(keys[row])}</span></span>")
+
     out = ["<h2>Identities</h2><p class='legend'>Per identity: its kept faces (record keys below), then each "
-           f"dropped face (red frame, closest first) beside its suppressor, {_e(who)}, and their cosine.</p>"]
+           f"dropped face (red frame, closest first): the dropped face on the left, its suppressor ({_e(who)}, "
+           f"kept) on the right, their record keys under them and their cosine.</p>"]
     for label, why, n, k, d, k_shown, d_shown, s_shown, c_shown in blocks:
         out.append(f"<section class='identity' id='identity-{label}' data-label='{label}' data-faces='{n}' "
                    f"data-kept='{len(k)}' data-dropped='{len(d)}'><h3>identity {label} <span class='why'>"
@@ -149,47 +158,22 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
         for r, s, c in zip(d_shown, s_shown, c_shown):
             if s < 0:
                 pairs.append(f"<figure class='pair' data-key='{int(keys[r])}' data-suppressor-key='' "
-                             f"data-cosine=''>{img(r, 'dropped')}<figcaption>no kept face</figcaption></figure>")
+                             f"data-cosine=''>{cell(r, 'dropped')}<figcaption>no kept face</figcaption></figure>")
                 continue
             pairs.append(f"<figure class='pair' data-key='{int(keys[r])}' data-suppressor-key='{int(keys[s])}' "
-                         f"data-cosine='{float(c):.9g}'>{img(r, 'dropped')}{img(s, 'suppressor')}"
-                         f"<figcaption>cos {float(c):.6f}</figcaption></figure>")
+                         f"data-cosine='{float(c):.9g}'>{cell(r, 'dropped')}{cell(s, 'suppressor')}"
+                         f"<figcaption>cos {float(c):.4f}</figcaption></figure>")
         out.append("<div class='faces dropped'>" + "".join(pairs) + _more(len(d) - len(d_shown), "dropped")
                    + "</div></section>")
     return "\n".join(out)
 
 
 def _numbers_table(numbers):
-    return ("<table class='numbers'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_text(v))}</td></tr>" for k, v in numbers)
-            + "</table>")
+    return numbers_table(numbers)
 
 
 def _more(n, what):
     return f"<span class='more'>+{n} more {what}</span>" if n > 0 else ""
-
-
-def _thumbnail(rgb):
-    import cv2
-    small = cv2.resize(rgb, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", small[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), JPEG_QUALITY])
-    return _uri(buf.tobytes(), "jpeg")
-
-
-def _uri(data, kind):
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
-
-
-def _e(text):
-    return html.escape(str(text), quote=True)
-
-
-def _text(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, dict) and len(value) > 12:
-        items = list(value.items())
-        value = dict(items[:12], **{"...": f"{len(items) - 12} more"})
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _figure():
@@ -202,7 +186,7 @@ def _figure():
 def _png(plt, fig):
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
 
@@ -216,6 +200,8 @@ def _histogram_png(cos, threshold):
     if threshold is not None:
         ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.3f}")
         ax.legend()
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_xlabel("cosine of a dropped face to its suppressor")
     ax.set_ylabel("dropped faces")
     return _png(plt, fig)
@@ -223,17 +209,10 @@ def _histogram_png(cos, threshold):
 
 def retention_png(labels, kept):
     """Fraction kept by identity size, as select plots it."""
-    from .report import _retention_by_size
+    from .report import _retention_by_size, retention_axes
     xs, ys = _retention_by_size(np.asarray(labels, np.int64), np.flatnonzero(kept))
     plt, (fig, ax) = _figure()
-    fraction = kept.mean()
-    ax.semilogx(xs, ys, "o-")
-    ax.axhline(fraction, color="gray", ls="--", label=f"overall {fraction:.1%}")
-    ax.set_xlabel("faces of the identity")
-    ax.set_ylabel("fraction kept")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("retention by identity size")
+    retention_axes(ax, xs, ys, float(kept.mean()))
     return _png(plt, fig)
 
 
@@ -242,8 +221,6 @@ def summary_numbers(info):
     info = dict(info)
     if isinstance(info.get("dataset"), dict):
         info["dataset"] = {k: v for k, v in info["dataset"].items() if k != "label_sample"}
-    if isinstance(info.get("threshold_search"), list):
-        info["threshold_search"] = f"{len(info['threshold_search'])} thresholds evaluated on all faces"
     return list(info.items())
 
 
@@ -276,7 +253,8 @@ def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=
         kept[sel.keep] = True
         plots = []
         for p, cap in zip(png_paths, ("retention by identity size", "cosine of each kept face to its nearest kept "
-                                                                     "face of the same identity (identity sample)")):
+                                                                     "face of the same identity (a sample of "
+                                                                     "identities)")):
             with open(p, "rb") as f:
                 plots.append((cap, f.read()))
         threshold = sel.threshold if sel.method in ("nms", "local") else None

@@ -374,18 +374,19 @@ def check_conflicts(args):
     rec_folder(args.rec)
     feature_folder(args.features)
     drop_summary = os.path.splitext(args.drop)[0] + ".json" if args.drop else None
+    own = len(conflict_outputs(args.out))  # the summary, its tables and its page
     outputs = conflict_outputs(args.out) + ([args.drop, drop_summary] if args.drop else [])
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
-    refuse_replacing(outputs[:3], inputs)
+    refuse_replacing(outputs[:own], inputs)
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     if args.drop:
-        refuse_replacing(outputs[3:], inputs, "--drop")
+        refuse_replacing(outputs[own:], inputs, "--drop")
         if args.drop.endswith(".json"):
             raise UsageError(f"--drop {args.drop}: name the index .idx (its summary <stem>.json goes beside it)")
-        refuse_replacing(outputs[3:], [(p, "an output of --out") for p in outputs[:3]], "--drop")
+        refuse_replacing(outputs[own:], [(p, "an output of --out") for p in outputs[:own]], "--drop")
     for path in outputs:
         writable_file(path, "--drop" if path == args.drop else "--out" if path == args.out else
                       f"--drop {args.drop}: summary" if path == drop_summary else f"--out {args.out}: output")
@@ -412,20 +413,46 @@ def check_overlap(args):
         if any(same_file(path, other) for other in args.bin[:i]):
             raise UsageError(f"--bin {path} is given twice; give each evaluation set once")
         inputs.append((path, f"the evaluation set {path}"))
+    from .overlap import overlap_outputs
     outputs = [args.out]
+    page = overlap_outputs(args.out)[1]
     if args.exclude:
         if same_file(args.exclude, args.out) or args.exclude.endswith(".json"):
             raise UsageError(f"--exclude {args.exclude}: name the index .idx (its summary <stem>.json goes beside it) "
                              f"and the report --out .json")
         outputs += [args.exclude, os.path.splitext(args.exclude)[0] + ".json"]
-    refuse_replacing(outputs[:1], inputs)
+    refuse_replacing([args.out, page], inputs)
     if args.exclude:
-        refuse_replacing(outputs[1:], inputs, "--exclude")
+        refuse_replacing(outputs[1:], inputs + [(page, "the page of --out")], "--exclude")
+    outputs.append(page)
     for path in dict.fromkeys(outputs):
         writable_file(path, "--out" if path == args.out else "--exclude" if path == args.exclude else
                       f"--exclude {args.exclude}: summary")
     input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
     check_feature_folder(args.features)
+
+
+def check_combine(args):
+    """Two or more --index files of the dataset, each once; an --out .idx that replaces none of them."""
+    from .combine import combined_outputs
+    rec_folder(args.rec)
+    if len(args.index) < 2:
+        raise UsageError("give two or more --index files to combine (the records in every one are kept)")
+    inputs = dataset_files(args.rec)
+    for i, path in enumerate(args.index):
+        if not path:
+            raise UsageError("--index is empty: give a filtered .idx file")
+        input_file(path, "--index", ".idx file")
+        if any(same_file(path, other) for other in args.index[:i]):
+            raise UsageError(f"--index {path} is given twice; give each filtered index once")
+        inputs += [(path, f"the --index file {path}"),
+                   (os.path.splitext(path)[0] + ".json", f"the summary of --index {path}")]
+    if not args.out.endswith(".idx"):
+        raise UsageError(f"--out {args.out}: name the combined index .idx (its summary <stem>.json goes beside it)")
+    outputs = combined_outputs(args.out)
+    refuse_replacing(outputs, inputs)
+    for path in outputs:
+        writable_file(path, "--out" if path == args.out else f"--out {args.out}: summary")
 
 
 DEMO_NAMES = ("faces", "features")

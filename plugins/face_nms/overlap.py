@@ -219,8 +219,9 @@ def embed(model, eval_bin, flip, batch_size=256):
 
 
 def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, network=None, embedding_size=512,
-                onnx=None, exclude=None, threshold=None, device="cpu", batch_size=256, log=print):
-    """Writes the overlap report ``out`` (and the exclusion index ``exclude``); returns the report."""
+                onnx=None, exclude=None, threshold=None, device="cpu", batch_size=256, log=print, page_rows=200):
+    """Writes the overlap report ``out``, its page ``<stem>.html`` (``page_rows`` matched identities
+    per .bin, :mod:`.overlap_page`) and the exclusion index ``exclude``; returns the report."""
     import os
 
     from .eval_bin import read_bin
@@ -265,8 +266,23 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
         paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
     for line in report["warnings"]:
         log(f"face_nms overlap: warning: {line}")
-    _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None)
+    def page(path):
+        from .overlap_page import overlap_page
+        from .recordio_index import image_records
+        _, rec_keys, rec_offsets = image_records(rec_dir)  # load_features checked: one per feature row
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(overlap_page(f"Benchmark overlap: {os.path.basename(out)}", report, bins, result.sets, labels,
+                                 rec_keys, rec_offsets, rec_dir, rows=page_rows))
+    paths.append(overlap_outputs(out)[1])
+    _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None,
+           page)
     return report
+
+
+def overlap_outputs(out):
+    """The report ``--out`` and its page ``<stem>.html``."""
+    import os
+    return [out, os.path.splitext(out)[0] + ".html"]
 
 
 def _exclusion(exclude, rec_dir, labels, found, meta, out):
@@ -290,17 +306,19 @@ def _exclusion(exclude, rec_dir, labels, found, meta, out):
     return info, summary, keys[keep], offsets[keep]
 
 
-def _write(paths, report, summary, keys, offsets):
+def _write(paths, report, summary, keys, offsets, page):
+    """``paths``: the report, [the index, [its summary]], the page (last)."""
     import json
 
     from .files import output_set
     from .recordio_index import write_idx
-    with output_set(paths) as tmps:
+    with output_set(paths, [""] * (len(paths) - 1) + [".html"]) as tmps:
         body = dict(report)
+        page(tmps[-1])
         if summary is not None:
             write_idx(tmps[1], keys, offsets)
             extra = {k: v for k, v in summary.items() if k != "path"}
-            if len(paths) == 3:
+            if len(paths) == 4:
                 with open(tmps[2], "w") as f:
                     json.dump(extra, f, indent=1)
             else:  # the index's summary is the report itself: the filter reads its dataset and counts

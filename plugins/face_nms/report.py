@@ -114,15 +114,8 @@ def _write_report(sel, labels, dataset, json_path, retention_path, nn_path):
 
     xs, ys = _retention_by_size(labels, sel.keep)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.semilogx(xs, ys, "o-")
-    ax.axhline(sel.fraction, color="gray", ls="--", label=f"overall {sel.fraction:.1%}")
-    ax.set_xlabel("faces of the identity")
-    ax.set_ylabel("fraction kept")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("retention by identity size")
-    fig.tight_layout()
-    fig.savefig(retention_path, dpi=100)
+    retention_axes(ax, xs, ys, sel.fraction)
+    _save(fig, retention_path)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     nn = _nn_cosines(sel)
@@ -131,9 +124,32 @@ def _write_report(sel, labels, dataset, json_path, retention_path, nn_path):
     if sel.threshold is not None:
         ax.axvline(sel.threshold, color="C3", ls="--", label=f"threshold {sel.threshold:.3f}")
         ax.legend()
-    ax.set_xlabel("cosine to the nearest kept face of the same identity (identity sample)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel("cosine to the nearest kept face of its identity")
     ax.set_ylabel("kept faces")
-    fig.tight_layout()
-    fig.savefig(nn_path, dpi=100)
+    ax.set_title("kept faces' nearest neighbours (a sample of identities)", fontsize=10)
+    _save(fig, nn_path)
     plt.close("all")
     return info
+
+
+def _save(fig, path):
+    # tight: every axis label inside the image, however long
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)
+
+
+def retention_axes(ax, xs, ys, fraction):
+    """Fraction kept against identity size (log axis, plain tick labels: 1, 2, 5, 10, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.semilogx(xs, ys, "o-")
+    ax.axhline(fraction, color="gray", ls="--", label=f"overall {fraction:.1%}")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("faces of the identity")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("retention by identity size")
