@@ -566,7 +566,6 @@ def test_big_endian_feature_files_get_the_same_line_in_every_command(data, capsy
         assert status == 1 and len(err) == 1, (argv[0], err)
         lines.append(err[0].split(": error: ", 1)[1])
     assert len(set(lines)) == 1, lines
-    kind = "float" if dtype[1] == "f" else "integer"
     assert lines[0].startswith(f"{path} holds big-endian values ({dtype}), not this machine's byte order: convert it "
                                f"with np.save(path, np.load(path).astype('<{dtype[1:]}')) or extract again"), lines[0]
     assert sorted(os.listdir(tmp_path)) == ["feats", "lfw.bin", "m.onnx"]

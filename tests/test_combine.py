@@ -10,7 +10,8 @@ from test_cli import cli, one_line
 
 from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.filter import check_index_dataset, face_nms_filter
 from plugins.face_nms.recordio_index import RecordIOError, image_records, read_idx, read_index, write_idx
 from plugins.registry import apply_dataset_filter

@@ -17,7 +17,9 @@ from test_overlap import overlap, world  # noqa: F401  (the overlap fixture: tra
 from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
 from plugins.face_nms.eval_bin import decode, read_bin
-from plugins.face_nms.extract import RecordImages, TorchModel, extract_features
+from plugins.face_nms.decode import RecordImages
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 from plugins.face_nms.conflicts_page import FLAGGED_SIDE
 from plugins.face_nms.page_parts import FACES_PER_IDENTITY, THUMB
 from plugins.face_nms.recordio_index import image_records, read_index
@@ -164,7 +166,7 @@ def test_conflicts_page_is_part_of_the_output_set(ds, tmp_path, capsys):
 
 def test_a_conflicts_page_without_decodable_records_keeps_its_tables(ds, tmp_path):
     from plugins.face_nms.conflicts_page import conflicts_page
-    from plugins.face_nms.extract import load_features
+    from plugins.face_nms.features import load_features
     rec = tmp_path / "ds"
     shutil.copytree(ds["rec"], rec)
     with open(rec / "train.rec", "r+b") as f:

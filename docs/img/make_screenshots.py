@@ -21,7 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from plugins.face_nms.__main__ import main  # noqa: E402
 from plugins.face_nms.demo import synthetic_faces, write_recordio  # noqa: E402
-from plugins.face_nms.extract import OnnxModel, extract_features  # noqa: E402
+from plugins.face_nms.extract import extract_features  # noqa: E402
+from plugins.face_nms.models import OnnxModel  # noqa: E402
 
 BROWSER = "chromium-headless-shell"
 

@@ -93,7 +93,7 @@ def thumbnail(rgb):
 
 def record_thumbnails(rec_dir, keys, offsets, rows):
     """{row: data URI} of the image records ``rows`` (one per feature row: ``keys``/``offsets``)."""
-    from .extract import RecordImages
+    from .decode import RecordImages
     from .recordio_index import rec_paths
     rec, _ = rec_paths(rec_dir)
     rows = np.unique(np.asarray(rows, np.int64))
