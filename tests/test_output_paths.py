@@ -165,11 +165,11 @@ def test_outputs_with_names_as_long_as_allowed_are_written(data, capsys, tmp_pat
 
 def test_a_member_name_longer_than_allowed_is_refused_before_any_work(data, capsys, tmp_path):
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
-    out = str(tmp_path / ("s" * (limit - 4) + ".idx"))  # legal, but <stem>_nn_cosine.png would not be
+    out = str(tmp_path / ("s" * (limit - 5) + ".idx"))  # legal, <stem>.json too, but <stem>_nn_cosine.png not
     status, lines = cli(["select", "--features", data["feats"], "--rec", data["rec"], "--ratio", "0.6", "--out",
                          out], capsys)
     assert status == 2 and len(lines) == 1, lines
-    assert "_nn_cosine.png" in lines[0] and "--out" in lines[0] and str(limit) in lines[0], lines
+    assert ("_nn_cosine.png" in lines[0] or "_retention.png" in lines[0]) and "--out" in lines[0] and str(limit) in lines[0], lines
     assert os.listdir(tmp_path) == []
 
 
@@ -252,6 +252,8 @@ def test_a_drop_index_killed_in_its_commit_is_finished_or_refused_by_its_readers
     n = 1
     while True:
         assert main(old_argv) is not None
+        # the next writer removed what the killed one left
+        assert [x for x in os.listdir(d) if ".tmp-" in x or "commit" in x] == [], n
         rc = _killed_at(n, new_argv)
         if rc == 0:
             break
@@ -276,8 +278,7 @@ def test_a_drop_index_killed_in_its_commit_is_finished_or_refused_by_its_readers
         assert len(now[0].splitlines()) == now[1]
         if reader == "filter" and keys is not None:
             assert len(keys) == now[1]
-        leftovers = [x for x in os.listdir(d) if ".tmp-" in x or x.endswith(".commit")]
-        assert leftovers == [], (n, leftovers)
+        assert not os.path.exists(f"{d}/.face_nms.commit"), n  # finished (the readers here may write {d})
         n += 1
     assert n > 5  # the kill reached every rename of the commit (five members)
 
@@ -338,7 +339,7 @@ def test_two_selections_to_one_out_take_turns(data, tmp_path):
     assert len(winners) == 1, on_disk[1]
     # the one whose rename onto s.idx came last (strace's timestamps)
     renamed = {r: max(float(line.split()[1]) for line in open(tmp_path / f"trace{r}")
-                      if f'"{shared}/s.idx")' in line and line.rstrip().endswith("= 0")) for r in sets}
+                      if f'"{shared}/s.idx") = 0' in line) for r in sets}
     assert winners == [max(renamed, key=renamed.get)], renamed
     # the commits overlapped in time: without turns they would have mixed
     starts = {r: min(float(line.split()[1]) for line in open(tmp_path / f"trace{r}") if str(shared) in line)

@@ -44,11 +44,13 @@ def _name(prog):
 
 def cmd_stats(args):
     guards.check_stats(args)
+    from .files import reading_set
     from .recordio_index import load_filtered_index, read_index
     index = read_index(args.rec)
     labels = index.labels
     if args.index:
-        labels = labels[np.isin(index.keys, load_filtered_index(args.index, args.rec))]
+        with reading_set(args.index):
+            labels = labels[np.isin(index.keys, load_filtered_index(args.index, args.rec))]
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
     print(f"dataset      {os.path.abspath(args.rec)} ({index.layout} layout)")
@@ -61,13 +63,15 @@ def cmd_stats(args):
 
 
 def cmd_proxy_subset(args):
+    from .files import output_set
     from .proxy_subset import random_subset
     from .recordio_index import read_index, write_idx
     guards.check_proxy_subset(args)
     index = read_index(args.rec)
     rows = random_subset(index.labels, args.ratio, args.seed)
-    with guards.writing(args.out):
-        write_idx(args.out, index.keys[rows], index.offsets[rows])
+    # the summary, plots and page of an earlier index of that name go with it
+    with guards.writing(args.out), output_set([args.out], remove=guards.index_outputs(args.out)[1:]) as tmps:
+        write_idx(tmps[0], index.keys[rows], index.offsets[rows])
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
           f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}")
 
@@ -124,6 +128,11 @@ def cmd_select(args):
         sel = run_method(args.method, feats, labels, ratio=args.ratio, order=args.order, **kw)
     except ValueError as exc:
         raise ValueError(f"{args.features}: {exc}") from None
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # a write to a regrouping file: the one folder written
+            exc.filename = (f"--tmp-dir {args.tmp_dir} (where the features are regrouped)" if args.tmp_dir else
+                            f"--out {args.out}: its folder, where the features are regrouped without --tmp-dir")
+        raise
     # load_features checked that the rows are these image records, in this order
     _, rec_keys, rec_offsets = image_records(args.rec)
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,

@@ -215,7 +215,10 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         "timings_s": {name: round(v, 3) for name, v in res.timings.items()},
     })
     paths = conflict_outputs(out) + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
-    with output_set(paths) as tmps:
+    # a drop index replaces the whole set of an earlier index of that name: its plots and page go
+    stem = os.path.splitext(drop)[0] if drop else None
+    with output_set(paths, remove=[f"{stem}_retention.png", f"{stem}_nn_cosine.png", f"{stem}.html"] if drop
+                    else ()) as tmps:
         if drop:
             gone = dropped_rows(res, labels, drop_mode)
             keep = np.setdiff1d(np.arange(len(labels)), gone)

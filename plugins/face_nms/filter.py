@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from ..registry import register_dataset_filter
+from .files import reading_set
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
 
@@ -117,8 +118,9 @@ def face_nms_filter(cfg, dataset):
     if not index:
         raise ValueError("config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          "plugins.face_nms select`)")
-    keys = load_filtered_index(index, cfg.rec)
-    check_index_dataset(index, cfg.rec, keys)
+    with reading_set(index):  # the index and its summary, of one set
+        keys = load_filtered_index(index, cfg.rec)
+        check_index_dataset(index, cfg.rec, keys)
     return _restrict(cfg, dataset, keys, index)
 
 
@@ -129,7 +131,8 @@ def random_filter(cfg, dataset):
     seed = int(opts.get("seed", 0))
     full = read_index(cfg.rec)
     if opts.get("index"):
-        kept = load_filtered_index(opts["index"], cfg.rec)
+        with reading_set(opts["index"]):
+            kept = load_filtered_index(opts["index"], cfg.rec)
         quota = np.bincount(full.labels[np.isin(full.keys, kept)], minlength=full.num_classes)
         rows = random_subset(full.labels, seed=seed, quota=quota)
     elif opts.get("ratio") is not None:

@@ -276,10 +276,14 @@ def _exclusion(exclude, rec_dir, labels, found, meta, out):
 
 def _write(paths, report, summary, keys, offsets):
     import json
+    import os
 
     from .files import output_set
     from .recordio_index import write_idx
-    with output_set(paths) as tmps:
+    stem = os.path.splitext(paths[1])[0] if len(paths) > 1 else None
+    # an exclusion index replaces the whole set of an earlier index of that name: its plots and page go
+    with output_set(paths, remove=[f"{stem}_retention.png", f"{stem}_nn_cosine.png", f"{stem}.html"] if stem
+                    else ()) as tmps:
         body = dict(report)
         if summary is not None:
             write_idx(tmps[1], keys, offsets)
