@@ -324,9 +324,9 @@ def test_two_selections_to_one_out_take_turns(data, tmp_path):
     shared.mkdir()
     procs = {}
     for ratio in sets:
-        log = tmp_path / f"trace{ratio}"
         procs[ratio] = subprocess.Popen(
-            ["strace", "-f", "-ttt", "-qq", "-o", str(log), "-e", "trace=rename", "-e", "inject=rename:delay_enter=150000",
+            ["strace", "-f", "-ttt", "-qq", "-o", str(tmp_path / f"trace{ratio}"), "-e",
+             "trace=rename,openat,unlink,flock", "-e", "inject=rename:delay_enter=400000",
              sys.executable, "-m", "plugins.face_nms", "select", "--features", data["feats"], "--rec", data["rec"],
              "--ratio", ratio, "--device", "cpu", "--gallery-ids", "2", "--out", str(shared / "s.idx")],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -337,13 +337,13 @@ def test_two_selections_to_one_out_take_turns(data, tmp_path):
     on_disk = (open(shared / "s.idx").read(), json.load(open(shared / "s.json"))["kept"])
     winners = [r for r in sets if sets[r][1:] == on_disk]
     assert len(winners) == 1, on_disk[1]
+    trace = {r: [(float(line.split()[1]), line) for line in open(tmp_path / f"trace{r}") if str(shared) in line]
+             for r in sets}
     # the one whose rename onto s.idx came last (strace's timestamps)
-    renamed = {r: max(float(line.split()[1]) for line in open(tmp_path / f"trace{r}")
-                      if f'"{shared}/s.idx") = 0' in line) for r in sets}
+    renamed = {r: max(t for t, line in trace[r] if f'"{shared}/s.idx") = 0' in line) for r in sets}
     assert winners == [max(renamed, key=renamed.get)], renamed
-    # the commits overlapped in time: without turns they would have mixed
-    starts = {r: min(float(line.split()[1]) for line in open(tmp_path / f"trace{r}") if str(shared) in line)
-              for r in sets}
-    assert max(starts.values()) < max(renamed.values())
+    # the two writes overlapped in time: without turns they would have raced
+    spans = {r: (trace[r][0][0], trace[r][-1][0]) for r in sets}
+    assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), spans
     leftovers = [n for n in os.listdir(shared) if ".tmp-" in n or n.endswith(".commit")]
     assert leftovers == []
