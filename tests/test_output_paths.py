@@ -347,3 +347,27 @@ def test_two_selections_to_one_out_take_turns(data, tmp_path):
     assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), spans
     leftovers = [n for n in os.listdir(shared) if ".tmp-" in n or n.endswith(".commit")]
     assert leftovers == []
+
+
+def test_an_interrupted_commit_that_cannot_be_finished_is_refused_in_one_line(data, capsys, tmp_path):
+    d = str(tmp_path / "sets")
+    os.mkdir(d)
+    con = ["conflicts", "--features", data["feats"], "--rec", data["rec"], "--threshold", "0.3", "--out",
+           f"{d}/c.json", "--drop", f"{d}/k.idx"]
+    assert main(con + ["--drop-mode", "faces"]) is not None
+    before = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
+    assert _killed_at(2, con) == -signal.SIGKILL  # the journal written, the first rename not yet
+    assert os.path.exists(f"{d}/.face_nms.commit")
+    if subprocess.run(["chattr", "+i", d], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here: no folder refuses this process")
+    try:
+        status, lines = cli(["stats", "--rec", data["rec"], "--index", f"{d}/k.idx"], capsys)
+    finally:
+        subprocess.run(["chattr", "-i", d], check=True)
+    assert status == 1 and len(lines) == 1, lines
+    assert "k.idx" in lines[0] and ".face_nms.commit" in lines[0] and "interrupted" in lines[0], lines
+    assert {n: open(os.path.join(d, n), "rb").read() for n in before} == before
+    # a process that may write the folder finishes it
+    status, lines = cli(["stats", "--rec", data["rec"], "--index", f"{d}/k.idx"], capsys)
+    assert status == 0 and not os.path.exists(f"{d}/.face_nms.commit")
+    assert json.load(open(f"{d}/k.json"))["mode"] == "identity"
