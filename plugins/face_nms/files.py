@@ -66,7 +66,7 @@ def not_regular(path):
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return f"a link to nothing ({os.readlink(path)}), which writing would replace"
+            return f"a link to nothing ({os.readlink(path)})"
         except OSError as exc:
             return f"a link that cannot be followed ({exc.strerror})"
     kind = next((what for test, what in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),

@@ -181,8 +181,7 @@ def writable_file(path, option="--out"):
         raise IsADirectoryError(f"{option} {path} is a folder: give a file name in it")
     what = files.not_regular(path)
     if what:
-        raise FileExistsError(f"{option} {path} is {what}, not a regular file: writing it would replace that; "
-                              f"choose another {choose}")
+        raise FileExistsError(_not_regular(f"{option} {path}", what, f"choose another {choose}"))
     real = os.path.realpath(path)
     _writable_folder(os.path.dirname(real), option, path, create=False, probe=files.temporary_name(real, ".html"))
     if os.path.exists(path):
@@ -199,8 +198,14 @@ def regular_or_absent(paths, option):
     for path in paths:
         what = files.not_regular(path)
         if what:
-            raise FileExistsError(f"{option}: {path} is {what}, not a regular file: writing it would replace that; "
-                                  f"remove it or choose another {option.split()[0]}")
+            raise FileExistsError(_not_regular(f"{option}: {path}", what,
+                                               f"remove it or choose another {option.split()[0]}"))
+
+
+def _not_regular(named, what, fix):
+    if what.startswith("a link to nothing"):
+        return f"{named} is {what}: writing it would replace the link itself; {fix}"
+    return f"{named} is {what}, not a regular file: writing it would replace that; {fix}"
 
 
 def writable_folder(path, option="--out"):
