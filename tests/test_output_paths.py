@@ -371,3 +371,20 @@ def test_an_interrupted_commit_that_cannot_be_finished_is_refused_in_one_line(da
     status, lines = cli(["stats", "--rec", data["rec"], "--index", f"{d}/k.idx"], capsys)
     assert status == 0 and not os.path.exists(f"{d}/.face_nms.commit")
     assert json.load(open(f"{d}/k.json"))["mode"] == "identity"
+
+
+def test_the_random_filter_index_is_not_written_over_a_fifo(data, tmp_path):
+    from types import SimpleNamespace
+
+    from plugins.face_nms.filter import random_filter
+    os.mkfifo(tmp_path / "train_random_seed0.idx")
+    cfg = SimpleNamespace(rec=data["rec"], dataset_filter="random", face_nms=dict(ratio=0.5), output=str(tmp_path))
+    cfg.get = lambda k, d=None: getattr(cfg, k, d)
+    with pytest.raises(ValueError, match="train_random_seed0.idx.*FIFO.*config.output"):
+        random_filter(cfg, SimpleNamespace(imgidx=np.arange(3)))
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "train_random_seed0.idx").st_mode)
+    os.remove(tmp_path / "train_random_seed0.idx")
+    (tmp_path / "train_random_seed0.json").write_text("{}")  # the summary of an earlier index of that name
+    ds = random_filter(cfg, SimpleNamespace(imgidx=np.arange(3)))
+    assert len(ds.imgidx) == len(open(tmp_path / "train_random_seed0.idx").read().splitlines())
+    assert sorted(os.listdir(tmp_path)) == ["train_random_seed0.idx"]

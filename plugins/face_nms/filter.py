@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from ..registry import register_dataset_filter
-from .files import reading_set
+from .files import not_regular, output_set, reading_set
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
 
@@ -146,7 +146,14 @@ def random_filter(cfg, dataset):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"train_random_seed{seed}.idx")
     order = np.argsort(full.keys[rows], kind="stable")
-    write_idx(path, full.keys[rows][order], full.offsets[rows][order])
+    what = not_regular(path)
+    if what:
+        raise ValueError(f"{path}, where the random filter writes its index (config.output), is {what}, not a regular "
+                         f"file; remove it or set another config.output")
+    stem = os.path.splitext(path)[0]
+    with output_set([path], remove=[f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png",
+                                    f"{stem}.html"]) as tmps:
+        write_idx(tmps[0], full.keys[rows][order], full.offsets[rows][order])
     return _restrict(cfg, dataset, full.keys[rows][order], path)
 
 
