@@ -388,3 +388,22 @@ def test_the_random_filter_index_is_not_written_over_a_fifo(data, tmp_path):
     ds = random_filter(cfg, SimpleNamespace(imgidx=np.arange(3)))
     assert len(ds.imgidx) == len(open(tmp_path / "train_random_seed0.idx").read().splitlines())
     assert sorted(os.listdir(tmp_path)) == ["train_random_seed0.idx"]
+
+
+def test_a_journal_naming_files_elsewhere_is_not_followed(data, capsys, tmp_path):
+    """A journal is acted on only where each folder it names holds it too: one planted in an
+    output folder cannot rename or remove files in another."""
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "keep.json").write_text("mine")
+    (victim / "keep.idx.tmp-1").write_text("planted")
+    (victim / "keep.idx").write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".face_nms.commit").write_text(f"{victim}/keep.idx.tmp-1\t{victim}/keep.idx\n\t{victim}/keep.json\n")
+    status, lines = cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", str(out / "p.idx")], capsys)
+    assert status == 0, lines
+    assert (victim / "keep.json").read_text() == "mine" and (victim / "keep.idx").read_text() == "mine"
+    (out / ".face_nms.commit").write_text(f"/etc/passwd.bak\t{out}/p.idx\n")  # not a temporary of p.idx
+    status, lines = cli(["stats", "--rec", data["rec"], "--index", str(out / "p.idx")], capsys)
+    assert status == 1 and len(lines) == 1 and ".face_nms.commit" in lines[0] and "remove it" in lines[0], lines

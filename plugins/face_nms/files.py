@@ -209,31 +209,54 @@ def _journal(folder):
     return os.path.join(folder, JOURNAL)
 
 
-def _read_journal(folder):
-    """(temporary or "" for a removal, final) pairs of the commit recorded in ``folder``, or None."""
+def _journal_text(folder):
     try:
         with open(_journal(folder)) as f:
-            return [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+            return f.read()
     except FileNotFoundError:
         return None
 
 
+def _read_journal(folder):
+    """(temporary or "" for a removal, final) pairs of the commit recorded in ``folder``, or None.
+    Only pairs a commit writes are accepted: a final name with its own temporary beside it."""
+    text = _journal_text(folder)
+    if text is None:
+        return None
+    pairs = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        ok = len(parts) == 2 and os.path.isabs(parts[1]) and (not parts[0] or (
+            os.path.dirname(parts[0]) == os.path.dirname(parts[1])
+            and os.path.basename(parts[0]).startswith(os.path.basename(_stem(parts[1])) + ".tmp-")))
+        if not ok:
+            raise IncompleteSet(f"{_journal(folder)} is not a commit journal of face_nms outputs (line {line[:80]!r}); "
+                                f"remove it")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
 def _finish(folder):
     """Completes the commit recorded in ``folder`` (its locks held): the renames and removals it
-    lists, then its journals in every folder it touches."""
+    lists, then its journals in every folder it touches. A commit is complete once its journal is
+    in each of those folders (all are written before the first rename): one missing while
+    temporaries remain is a commit that stopped before it was made, and the old set stays."""
     for tmp in glob.glob(glob.escape(_journal(folder)) + ".tmp-*"):
         _remove_if_dead(tmp, tmp[len(_journal(folder)) + 5:])
     pairs = _read_journal(folder)
     if pairs is None:
         return
-    for tmp, final in pairs:
-        if tmp:
-            if os.path.lexists(tmp):
-                os.replace(tmp, final)
-        elif os.path.isfile(final) and not os.path.islink(final):
-            os.remove(final)
-    for other in sorted({os.path.dirname(final) for _, final in pairs} | {folder}):
-        with contextlib.suppress(FileNotFoundError):
+    text = _journal_text(folder)
+    folders = sorted({os.path.dirname(final) for _, final in pairs} | {folder})
+    if all(_journal_text(f) == text for f in folders):
+        for tmp, final in pairs:
+            if tmp:
+                if os.path.lexists(tmp):
+                    os.replace(tmp, final)
+            elif os.path.isfile(final) and not os.path.islink(final):
+                os.remove(final)
+    for other in folders:
+        if _journal_text(other) == text:
             os.remove(_journal(other))
 
 
