@@ -407,3 +407,29 @@ def test_a_journal_naming_files_elsewhere_is_not_followed(data, capsys, tmp_path
     (out / ".face_nms.commit").write_text(f"/etc/passwd.bak\t{out}/p.idx\n")  # not a temporary of p.idx
     status, lines = cli(["stats", "--rec", data["rec"], "--index", str(out / "p.idx")], capsys)
     assert status == 1 and len(lines) == 1 and ".face_nms.commit" in lines[0] and "remove it" in lines[0], lines
+
+
+@pytest.fixture
+def full_folder(tmp_path):
+    """A folder on a 4 KiB tmpfs (one page: the second file of a set does not fit), or skip saying why."""
+    d = tmp_path / "full"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root): no folder to fill")
+    try:
+        yield str(d)
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_full_output_folder_is_reported_against_the_option_that_named_it(data, capsys, full_folder):
+    for argv, option in (
+            (["select", "--features", data["feats"], "--rec", data["rec"], "--ratio", "0.6", "--out",
+              f"{full_folder}/s.idx"], "--out"),
+            (["conflicts", "--features", data["feats"], "--rec", data["rec"], "--out", f"{data['root']}/c.json",
+              "--drop", f"{full_folder}/k.idx", "--threshold", "0.3"], "--drop")):
+        status, lines = cli(argv, capsys)
+        assert status == 1, lines
+        line = lines[-1]
+        assert f"{option} " in line and full_folder in line and "No space left" in line and ".tmp-" not in line, line
+        assert os.listdir(full_folder) == []

@@ -70,7 +70,7 @@ def cmd_proxy_subset(args):
     index = read_index(args.rec)
     rows = random_subset(index.labels, args.ratio, args.seed)
     # the summary, plots and page of an earlier index of that name go with it
-    with guards.writing(args.out), output_set([args.out], remove=guards.index_outputs(args.out)[1:]) as tmps:
+    with guards.writing(f"--out {args.out}"), output_set([args.out], remove=guards.index_outputs(args.out)[1:]) as tmps:
         write_idx(tmps[0], index.keys[rows], index.offsets[rows])
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
           f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}")
@@ -138,7 +138,7 @@ def cmd_select(args):
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
                             seed=args.seed, centers=centers,
                             log=lambda line: print(f"face_nms select: {line}", file=sys.stderr))
-    with guards.writing(f"{args.out} or the summary, plots and page beside it"):
+    with guards.writing(f"--out {args.out} or the summary, plots and page beside it"):
         info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
                                dataset=meta.get("provenance", {}).get("dataset"), page=page)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
@@ -151,7 +151,7 @@ def cmd_select(args):
 def cmd_gallery(args):
     from .gallery import write_index_page
     guards.check_gallery(args)
-    with guards.writing(args.out):
+    with guards.writing(f"--out {args.out}"):
         print(write_index_page(args.rec, args.features, args.index, args.out, ids=args.gallery_ids, seed=args.seed))
 
 
@@ -169,7 +169,8 @@ def cmd_conflicts(args):
                          chunk_rows=args.chunk_rows, progress=True,
                          log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr))
     _, _, rec_offsets = image_records(args.rec)  # load_features checked: one image record per row, in order
-    with guards.writing(f"{args.out} or the tables beside it"):
+    with guards.writing(f"--out {args.out} or the tables beside it" +
+                        (f", or --drop {args.drop} or its summary" if args.drop else "")):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
                                       "features", "dataset": meta.get("provenance", {}).get("dataset")})
@@ -183,7 +184,7 @@ def cmd_conflicts(args):
 def cmd_overlap(args):
     from .overlap import run_overlap
     guards.check_overlap(args)
-    with guards.writing(args.out if not args.exclude else f"{args.out} or {args.exclude}"):
+    with guards.writing(f"--out {args.out}" + (f" or --exclude {args.exclude}" if args.exclude else "")):
         r = run_overlap(args.features, args.rec, args.bin, args.out, checkpoint=args.checkpoint, network=args.network,
                         embedding_size=args.embedding_size, onnx=args.onnx, exclude=args.exclude,
                         threshold=args.threshold, device=args.device, batch_size=args.batch_size,

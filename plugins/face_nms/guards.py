@@ -383,7 +383,7 @@ def check_extract(args):
     written = [os.path.join(args.out, name) for name in FEATURE_FILES + EXTRACT_STATE]
     refuse_replacing([args.out] + written, inputs)
     writable_folder(args.out)
-    regular_or_absent(written[:-1], f"--out {args.out}")
+    regular_or_absent(written[:-1] + [os.path.join(args.out, ".extract.lock")], f"--out {args.out}")
     progress = os.path.join(args.out, EXTRACT_STATE[-1])
     if os.path.lexists(progress) and (os.path.islink(progress) or not os.path.isdir(progress)):
         raise FileExistsError(f"--out {args.out}: {progress} is {files.not_regular(progress) or 'a file'}, not the "
@@ -515,12 +515,15 @@ _HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "fre
 
 @contextlib.contextmanager
 def writing(name):
-    """Names ``name`` in an OSError raised without a file name (a write to an open file)."""
+    """Names ``name`` (the option and the outputs it names) in an OSError raised without a file
+    name (a write to an open file) or with the name of one of this process's temporaries."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
+        if exc.errno is not None and exc.filename is None:
             exc.filename = name
+        elif exc.errno is not None and files.output_of(str(exc.filename)) != str(exc.filename):
+            exc.filename, exc.filename2 = f"{name} (writing {files.output_of(str(exc.filename))})", None
         raise
 
 
