@@ -254,7 +254,7 @@ def test_page_is_replaced_with_the_rest_of_the_set(tmp_path):
     from plugins.face_nms.report import write_selection
     from plugins.face_nms.select import Selection
     names = ["sel.idx", "sel.json", "sel_retention.png", "sel_nn_cosine.png", "sel.html"]
-    for kill_at in (1, 2, 3, 5, 8):  # write_idx, journal, the five renames, none
+    for kill_at in (1, 2, 3, 5, 7):  # the journal, the five renames, none
         for name in os.listdir(tmp_path):
             os.remove(tmp_path / name)
         sel = Selection(keep=np.arange(30), threshold=0.5, total=50, nn_cos=np.full(30, 0.3, np.float32))

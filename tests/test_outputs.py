@@ -48,7 +48,7 @@ def _write_in_child(tmp_path, kill_at_replace, threshold, page=False):
 def test_selection_set_is_old_or_new_after_a_kill_at_any_rename(tmp_path):
     from plugins.face_nms.report import write_selection
     names = ["sel.idx", "sel.json", "sel_retention.png", "sel_nn_cosine.png"]
-    for kill_at in (1, 2, 3, 5, 7):  # write_idx, journal, the four renames, none
+    for kill_at in (1, 2, 3, 5, 6):  # the journal, the four renames, none
         for name in os.listdir(tmp_path):
             os.remove(tmp_path / name)
         sel, labels = _selection()
@@ -107,7 +107,7 @@ def test_sigint_during_the_renames_waits_even_with_other_threads(tmp_path):
         real = os.replace
         def replace(a, b):
             calls[0] += 1
-            if calls[0] == 4:  # .idx renamed, .json not yet
+            if calls[0] == 3:  # the journal and .idx renamed, .json not yet
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.2)
             return real(a, b)
@@ -123,7 +123,7 @@ def test_sigint_during_the_renames_waits_even_with_other_threads(tmp_path):
     sel, labels = _selection()
     write_selection(str(tmp_path / "sel.idx"), np.arange(30), np.arange(30) * 100, sel, labels)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
-    assert out.startswith("interrupted after 6"), out  # all four renames done before the signal acted
+    assert out.startswith("interrupted after 5"), out  # the journal and all four renames done before the signal acted
     assert len(open(tmp_path / "sel.idx").read().splitlines()) == 20
     assert json.load(open(tmp_path / "sel.json"))["threshold"] == 0.25
     assert sorted(os.listdir(tmp_path)) == sorted(["sel.idx", "sel.json", "sel_retention.png", "sel_nn_cosine.png"])

@@ -1,6 +1,4 @@
 """python -m plugins.face_nms {stats,proxy-subset,extract,select,gallery,conflicts,overlap,combine,demo}"""
-import argparse
-import copy
 import os
 import signal
 import sys
@@ -58,13 +56,15 @@ def _name(prog):
 
 def cmd_stats(args):
     guards.check_stats(args)
+    from .files import reading_set
     from .recordio_index import load_filtered_index, read_index
     index = read_index(args.rec)
     labels = index.labels
     if args.index:
         from .filter import check_index_dataset
-        kept = load_filtered_index(args.index, args.rec)
-        check_index_dataset(args.index, args.rec, kept)
+        with reading_set(args.index):
+            kept = load_filtered_index(args.index, args.rec)
+            check_index_dataset(args.index, args.rec, kept)
         labels = labels[np.isin(index.keys, kept)]
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
@@ -82,7 +82,7 @@ def cmd_proxy_subset(args):
     from .recordio_index import read_index
     guards.check_proxy_subset(args)
     index = read_index(args.rec)
-    with guards.writing(f"{args.out} or its summary"):
+    with guards.writing(f"--out {args.out} or its summary"):
         rows = write_proxy_subset(args.out, args.rec, index, args.ratio, args.seed)
     print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
           f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}; summary "
@@ -142,6 +142,11 @@ def cmd_select(args):
         sel = run_method(args.method, feats, labels, ratio=args.ratio, order=args.order, **kw)
     except ValueError as exc:
         raise ValueError(f"{args.features}: {exc}") from None
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # a write to a regrouping file: the one folder written
+            exc.filename = (f"--tmp-dir {args.tmp_dir} (where the features are regrouped)" if args.tmp_dir else
+                            f"--out {args.out}: its folder, where the features are regrouped without --tmp-dir")
+        raise
     for line in sel.warnings:
         print(f"face_nms select: warning: {line}", file=sys.stderr)
     # load_features checked that the rows are these image records, in this order
@@ -149,7 +154,7 @@ def cmd_select(args):
     page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
                             seed=args.seed, centers=centers,
                             log=lambda line: print(f"face_nms select: {line}", file=sys.stderr))
-    with guards.writing(f"{args.out} or the summary, plots and page beside it"):
+    with guards.writing(f"--out {args.out} or the summary, plots and page beside it"):
         info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
                                dataset=meta.get("provenance", {}).get("dataset"), page=page)
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
@@ -162,7 +167,7 @@ def cmd_select(args):
 def cmd_gallery(args):
     from .gallery import write_index_page
     guards.check_gallery(args)
-    with guards.writing(args.out):
+    with guards.writing(f"--out {args.out}"):
         print(write_index_page(args.rec, args.features, args.index, args.out, ids=args.gallery_ids, seed=args.seed))
 
 
@@ -187,7 +192,8 @@ def cmd_conflicts(args):
             f.write(conflicts_page(f"Identity conflicts: {os.path.basename(args.out)}", info, pairs, faces,
                                    res.face_rows, labels, keys, rec_offsets, args.rec, rows=args.page_rows,
                                    log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr)))
-    with guards.writing(f"{args.out} or the tables and page beside it"):
+    with guards.writing(f"--out {args.out} or the tables and page beside it" +
+                        (f", or --drop {args.drop} or its summary" if args.drop else "")):
         info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
                                       "features", "dataset": meta.get("provenance", {}).get("dataset")}, page=page)
@@ -204,7 +210,7 @@ def cmd_conflicts(args):
 def cmd_overlap(args):
     from .overlap import run_overlap
     guards.check_overlap(args)
-    with guards.writing(args.out if not args.exclude else f"{args.out} or {args.exclude}"):
+    with guards.writing(f"--out {args.out}" + (f" or --exclude {args.exclude}" if args.exclude else "")):
         r = run_overlap(args.features, args.rec, args.bin, args.out, checkpoint=args.checkpoint, network=args.network,
                         embedding_size=args.embedding_size, onnx=args.onnx, exclude=args.exclude,
                         threshold=args.threshold, device=args.device, batch_size=args.batch_size,

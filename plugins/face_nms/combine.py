@@ -21,6 +21,7 @@ def combine_indexes(rec_dir, paths, require=True):
     reads a single index), so combining costs training no pass over the labels of every record. With
     ``require``, an index without a summary is refused (as the training filter refuses it)."""
     from .provenance import dataset_provenance
+    from .files import reading_set
     from .filter import check_index_dataset
     from .recordio_index import RecordIOError, image_records, load_filtered_index, rec_paths, record_labels
     from .report import LABEL_SAMPLE
@@ -29,8 +30,9 @@ def combine_indexes(rec_dir, paths, require=True):
     _, all_keys, all_offsets = image_records(rec_dir)
     masks = []
     for path in paths:
-        keys = load_filtered_index(path, rec_dir)
-        check_index_dataset(path, rec_dir, keys, require=require)
+        with reading_set(path):  # the index and its summary, of one set
+            keys = load_filtered_index(path, rec_dir)
+            check_index_dataset(path, rec_dir, keys, require=require)
         masks.append(np.isin(all_keys, keys))
     keep = np.logical_and.reduce(masks)
     if not keep.any():
@@ -61,14 +63,20 @@ def combined_outputs(out):
 
 def write_combined(rec_dir, paths, out):
     """Writes the combined index ``out`` and its summary as one set; returns the summary."""
-    from .files import output_set
-    from .recordio_index import write_idx
     keys, offsets, summary = combine_indexes(rec_dir, paths)
-    with output_set(combined_outputs(out)) as (tmp_idx, tmp_json):
+    write_combined_set(out, keys, offsets, summary)
+    return summary
+
+
+def write_combined_set(out, keys, offsets, summary):
+    """The combined index ``out`` and its summary, as one set (an earlier index's plots and page go)."""
+    from .files import left_of_family, output_set
+    from .recordio_index import write_idx
+    written = combined_outputs(out)
+    with output_set(written, remove=left_of_family(out, written)) as (tmp_idx, tmp_json):
         write_idx(tmp_idx, keys, offsets)
         with open(tmp_json, "w") as f:
             json.dump(summary, f, indent=1)
-    return summary
 
 
 def describe_sources(summary):

@@ -233,7 +233,7 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
     import json
     import os
 
-    from .files import output_set
+    from .files import left_of_family, output_set
     from .recordio_index import write_idx
     from .report import index_summary
     labels = np.asarray(labels, np.int64)
@@ -271,7 +271,9 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
     info["warnings"] = warnings
     tables = conflict_outputs(out)[:3 if page is None else 4]
     paths = tables + ([drop, os.path.splitext(drop)[0] + ".json"] if drop else [])
-    with output_set(paths, [""] * 3 + [".html"] * (page is not None) + [""] * (len(paths) - len(tables))) as tmps:
+    # a drop index replaces the whole set of an earlier index of that name: its plots and page go
+    with output_set(paths, [""] * 3 + [".html"] * (page is not None) + [""] * (len(paths) - len(tables)),
+                    remove=left_of_family(drop, paths) if drop else ()) as tmps:
         tmp_json, tmp_pairs, tmp_faces = tmps[:3]
         tmp_drop, tmp_drop_summary = tmps[len(tables):] if drop else (None, None)
         if drop:

@@ -27,12 +27,12 @@ labels of a sample of kept records) or, for a summary without one, the per-ident
 reports, recomputed from the labels of ``config.rec``. An index without a summary is refused
 unless ``config.face_nms = dict(index=..., trust_index=True)`` (an index written by other tools).
 """
-import json
 import os
 
 import numpy as np
 
 from ..registry import register_dataset_filter
+from .files import left_of_family, not_regular, output_set, reading_set
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
 from .summaries import read_summary
@@ -140,8 +140,9 @@ def face_nms_filter(cfg, dataset):
     if not index or not isinstance(index, (str, os.PathLike)):
         raise ValueError(f"config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          f"plugins.face_nms select`) or a list of them, got {index!r}")
-    keys = load_filtered_index(index, cfg.rec)
-    check_index_dataset(index, cfg.rec, keys, require=not trust)
+    with reading_set(index):  # the index and its summary, of one set
+        keys = load_filtered_index(index, cfg.rec)
+        check_index_dataset(index, cfg.rec, keys, require=not trust)
     return _restrict(cfg, dataset, keys, index)
 
 
@@ -151,8 +152,7 @@ COMBINED = "train_combined.idx"
 def _combined(cfg, dataset, paths, trust=False):
     """The records in every index of ``paths``, written once (rank 0) to ``cfg.output``/train_combined.idx
     with its summary, for DALI's reader (``cfg.train_idx``)."""
-    from .combine import combined_outputs, combine_indexes
-    from .files import output_set
+    from .combine import combine_indexes, combined_outputs, write_combined_set
     bad = [p for p in paths if not p or not isinstance(p, (str, os.PathLike))]
     if not paths or bad:
         raise ValueError(f"config.face_nms['index'] lists {paths!r}; give one or more paths of filtered .idx files")
@@ -170,11 +170,11 @@ def _combined(cfg, dataset, paths, trust=False):
     keys, offsets, summary = combine_indexes(cfg.rec, paths, require=not trust)
     if _rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        from .recordio_index import write_idx
-        with output_set(written) as (tmp_idx, tmp_json):
-            write_idx(tmp_idx, keys, offsets)
-            with open(tmp_json, "w") as f:
-                json.dump(summary, f, indent=1)
+        what = next((f"{p} is {w}" for p in written for w in [not_regular(p)] if w), None)
+        if what:
+            raise ValueError(f"{what}, not a regular file, where the face_nms filter writes the combined index "
+                             f"(config.output); remove it or set another config.output")
+        write_combined_set(out, keys, offsets, summary)
     _barrier()
     return _restrict(cfg, dataset, keys, out)
 
@@ -202,7 +202,8 @@ def random_filter(cfg, dataset):
     seed = int(opts.get("seed", 0))
     full = read_index(cfg.rec)
     if opts.get("index"):
-        kept = load_filtered_index(opts["index"], cfg.rec)
+        with reading_set(opts["index"]):
+            kept = load_filtered_index(opts["index"], cfg.rec)
         quota = np.bincount(full.labels[np.isin(full.keys, kept)], minlength=full.num_classes)
         rows = random_subset(full.labels, seed=seed, quota=quota)
     elif opts.get("ratio") is not None:
@@ -216,7 +217,12 @@ def random_filter(cfg, dataset):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"train_random_seed{seed}.idx")
     order = np.argsort(full.keys[rows], kind="stable")
-    write_idx(path, full.keys[rows][order], full.offsets[rows][order])
+    what = not_regular(path)
+    if what:
+        raise ValueError(f"{path}, where the random filter writes its index (config.output), is {what}, not a regular "
+                         f"file; remove it or set another config.output")
+    with output_set([path], remove=left_of_family(path, [path])) as tmps:
+        write_idx(tmps[0], full.keys[rows][order], full.offsets[rows][order])
     return _restrict(cfg, dataset, full.keys[rows][order], path)
 
 

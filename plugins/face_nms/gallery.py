@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .files import atomic_output
+from .files import output_set
 from .numbers_table import numbers_table
 from .page_parts import THUMB, e as _e, thumbnail as _thumbnail, uri as _uri
 from .suppressors import HIST_ROWS, find_suppressors, histogram_identities
@@ -270,15 +270,17 @@ def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=
     atomically to ``out``; T is read from the selection summary beside the index when it is one of
     this dataset. Returns a one-line report."""
     from .features import load_features
+    from .files import reading_set
     from .filter import _summary, check_index_dataset
     from .recordio_index import image_records, load_filtered_index
     feats, labels, fkeys, _ = load_features(feature_dir, rec_dir)
-    index_keys = load_filtered_index(index, rec_dir)
-    check_index_dataset(index, rec_dir, index_keys)
+    with reading_set(index):  # the index and its summary, of one set
+        index_keys = load_filtered_index(index, rec_dir)
+        check_index_dataset(index, rec_dir, index_keys)
+        summary_path, info = _summary(index)
     _, keys, offsets = image_records(rec_dir)
     kept = np.isin(keys, index_keys)
     labels = np.asarray(labels, np.int64)
-    summary_path, info = _summary(index)
     is_summary = isinstance(info, dict) and (isinstance(info.get("dataset"), dict) or
                                              {"total", "kept", "kept_per_identity_histogram"} <= set(info))
     threshold = None
@@ -298,7 +300,7 @@ def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=
     page = build_page(rec_dir, feats, labels, keys, offsets, kept, threshold=threshold, numbers=numbers,
                       plots=[("retention by identity size", retention_png(labels, kept))], ids=ids, seed=seed,
                       title=f"Face-NMS gallery: {os.path.basename(index)}")
-    with atomic_output(out, ".html") as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with output_set([out], [".html"]) as tmps, open(tmps[0], "w", encoding="utf-8") as f:
         f.write(page)
     t = f"threshold {threshold:.4f}" if threshold is not None else "no threshold (not a selection summary)"
     return (f"wrote {out}: {int(kept.sum())} of {len(kept)} faces kept by {index}, {t}, "

@@ -15,6 +15,8 @@ import tempfile
 
 import numpy as np
 
+from . import files
+
 FEATURE_FILES = ("features.npy", "labels.npy", "keys.npy", "meta.json")
 # what extract writes into its --out folder besides FEATURE_FILES
 EXTRACT_STATE = ("features.npy.partial", "run.json", "progress")
@@ -126,21 +128,55 @@ def refuse_replacing(outputs, inputs, option="--out"):
                                  f"input; choose another {option}")
 
 
-def selection_outputs(out):
-    """The files ``select --out`` writes: the index, its summary, two plots and the gallery page beside it."""
-    stem = os.path.splitext(out)[0]
-    return [out, f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png", f"{stem}.html"]
+def refuse_sharing(outputs, others, option, other_option):
+    """UsageError when an output of ``option`` is also one of ``others``, the outputs of ``other_option``."""
+    for out in outputs:
+        for path in others:
+            if same_file(out, path):
+                via = "" if out == outputs[0] else f" would write {out}, which"
+                raise UsageError(f"{option} {outputs[0]}{via} is an output of {other_option} too"
+                                 f"{'' if out == path else f' ({path})'}: one file cannot hold both; choose "
+                                 f"another {option}")
+
+
+index_outputs = files.index_family
+
+
+def refuse_foreign_member(path, option, own=()):
+    """UsageError when ``path`` (a report .json or a page .html) is the summary or page of a filtered
+    index beside it that this run does not write (``own``): the training filter would read it as such."""
+    stem, ext = os.path.splitext(path)
+    idx = stem + ".idx"
+    if ext in (".json", ".html") and os.path.isfile(idx) and not any(same_file(idx, o) for o in own if o):
+        what = "summary" if ext == ".json" else "page"
+        raise UsageError(f"{option} {path} is the {what} of the filtered index {idx}, which the training filter and "
+                         f"gallery read with it; choose another {option}")
+
+
+selection_outputs = files.index_family  # select writes the whole family
 
 
 # ---- outputs that can be written ----
 
 def writable_file(path, option="--out"):
-    """An output file: not a folder, in an existing folder this process can create files in."""
+    """An output file: a new name or a regular file (links followed), not a folder, a name the
+    filesystem allows, in an existing folder this process can create its temporary in."""
     if not path:
         raise UsageError(f"{option} is empty: give a file name")
+    choose = option.split()[0]
+    folder = os.path.dirname(os.path.abspath(path))
+    limit = files.name_max(folder) if os.path.isdir(folder) else 255
+    size = len(os.path.basename(path).encode())
+    if size > limit:
+        raise UsageError(f"{option} {path}: the name is {size} bytes, more than this filesystem allows ({limit}); "
+                         f"choose a shorter {choose}")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise IsADirectoryError(f"{option} {path} is a folder: give a file name in it")
-    _writable_folder(os.path.dirname(os.path.abspath(path)), option, path, create=False)
+    what = files.not_regular(path)
+    if what:
+        raise FileExistsError(_not_regular(f"{option} {path}", what, f"choose another {choose}"))
+    real = os.path.realpath(path)
+    _writable_folder(os.path.dirname(real), option, path, create=False, probe=files.temporary_name(real, ".html"))
     if os.path.exists(path):
         try:
             open(path, "r+b").close()  # opens for writing, changes nothing
@@ -148,6 +184,21 @@ def writable_file(path, option="--out"):
             if exc.errno == errno.EPERM:  # immutable or append-only: even root cannot replace it
                 raise PermissionError(f"{option} {path} cannot be replaced ({exc.strerror}); choose another "
                                       f"{option}") from None
+
+
+def regular_or_absent(paths, option):
+    """Refuses, before any work, outputs that a command writes into a folder when one is not a regular file."""
+    for path in paths:
+        what = files.not_regular(path)
+        if what:
+            raise FileExistsError(_not_regular(f"{option}: {path}", what,
+                                               f"remove it or choose another {option.split()[0]}"))
+
+
+def _not_regular(named, what, fix):
+    if what.startswith("a link to nothing"):
+        return f"{named} is {what}: writing it would replace the link itself; {fix}"
+    return f"{named} is {what}, not a regular file: writing it would replace that; {fix}"
 
 
 def writable_folder(path, option="--out"):
@@ -159,7 +210,9 @@ def writable_folder(path, option="--out"):
     _writable_folder(os.path.abspath(path), option, path, create=True)
 
 
-def _writable_folder(folder, option, path, create):
+def _writable_folder(folder, option, path, create, probe=None):
+    """``probe``: the temporary name the output will be written under, made and removed here so
+    that a name too long for the filesystem or a folder refusing it is found before the work."""
     probe_in = folder
     if create:
         while not os.path.exists(probe_in):
@@ -170,8 +223,14 @@ def _writable_folder(folder, option, path, create):
         raise FileNotFoundError(f"{option} {path}: folder {probe_in} does not exist; create it first or "
                                 f"choose another {option}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".face_nms-write-test-", dir=probe_in)
+        if probe is None:
+            fd, probe = tempfile.mkstemp(prefix=".face_nms-write-test-", dir=probe_in)
+        else:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{option} {path}: the temporary name {probe} is too long for this filesystem; choose a "
+                             f"shorter {option.split()[0]}") from None
         raise PermissionError(f"{option} {path}: folder {probe_in} is not writable ({exc.strerror}); "
                               f"choose a writable folder") from None
     os.close(fd)
@@ -265,11 +324,9 @@ def check_stats(args):
 
 def check_proxy_subset(args):
     rec_folder(args.rec)
-    summary = os.path.splitext(args.out)[0] + ".json"
-    if os.path.normcase(os.path.abspath(args.out)) == os.path.normcase(os.path.abspath(summary)):
-        raise UsageError(f"--out {args.out} would be replaced by its own summary {summary}; name the index with .idx")
-    refuse_replacing([args.out, summary], dataset_files(args.rec))
+    refuse_replacing(index_outputs(args.out), dataset_files(args.rec))
     writable_file(args.out)
+    regular_or_absent(index_outputs(args.out)[1:], f"--out {args.out}")
 
 
 def check_select(args):
@@ -334,6 +391,11 @@ def check_extract(args):
     written = [os.path.join(args.out, name) for name in FEATURE_FILES + EXTRACT_STATE]
     refuse_replacing([args.out] + written, inputs)
     writable_folder(args.out)
+    regular_or_absent(written[:-1] + [os.path.join(args.out, ".extract.lock")], f"--out {args.out}")
+    progress = os.path.join(args.out, EXTRACT_STATE[-1])
+    if os.path.lexists(progress) and (os.path.islink(progress) or not os.path.isdir(progress)):
+        raise FileExistsError(f"--out {args.out}: {progress} is {files.not_regular(progress) or 'a file'}, not the "
+                              f"folder extract keeps its progress in; remove it or choose another --out")
     model = args.checkpoint or args.onnx
     input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
 
@@ -355,6 +417,7 @@ def check_gallery(args):
     inputs = dataset_files(args.rec) + feature_files(args.features) + [
         (args.index, "the --index file"), (os.path.splitext(args.index)[0] + ".json", "the summary of --index")]
     refuse_replacing([args.out], inputs)
+    refuse_foreign_member(args.out, "--out", own=[args.index])
     writable_file(args.out)
     check_feature_folder(args.features)
 
@@ -375,7 +438,7 @@ def check_conflicts(args):
     feature_folder(args.features)
     drop_summary = os.path.splitext(args.drop)[0] + ".json" if args.drop else None
     own = len(conflict_outputs(args.out))  # the summary, its tables and its page
-    outputs = conflict_outputs(args.out) + ([args.drop, drop_summary] if args.drop else [])
+    outputs = conflict_outputs(args.out) + (index_outputs(args.drop) if args.drop else [])
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
@@ -386,10 +449,12 @@ def check_conflicts(args):
         refuse_replacing(outputs[own:], inputs, "--drop")
         if args.drop.endswith(".json"):
             raise UsageError(f"--drop {args.drop}: name the index .idx (its summary <stem>.json goes beside it)")
-        refuse_replacing(outputs[own:], [(p, "an output of --out") for p in outputs[:own]], "--drop")
-    for path in outputs:
+        refuse_sharing(outputs[own:], outputs[:own], "--drop", "--out")
+    refuse_foreign_member(args.out, "--out", own=[args.drop])
+    for path in outputs[:own + 2]:
         writable_file(path, "--drop" if path == args.drop else "--out" if path == args.out else
                       f"--drop {args.drop}: summary" if path == drop_summary else f"--out {args.out}: output")
+    regular_or_absent(outputs[own + 2:], f"--drop {args.drop}")
     check_feature_folder(args.features)
     return load_centers(args.centers) if args.centers else None
 
@@ -420,14 +485,15 @@ def check_overlap(args):
         if same_file(args.exclude, args.out) or args.exclude.endswith(".json"):
             raise UsageError(f"--exclude {args.exclude}: name the index .idx (its summary <stem>.json goes beside it) "
                              f"and the report --out .json")
-        outputs += [args.exclude, os.path.splitext(args.exclude)[0] + ".json"]
+        outputs += index_outputs(args.exclude)
     refuse_replacing([args.out, page], inputs)
     if args.exclude:
-        refuse_replacing(outputs[1:], inputs + [(page, "the page of --out")], "--exclude")
-    outputs.append(page)
-    for path in dict.fromkeys(outputs):
+        refuse_replacing(outputs[1:], inputs, "--exclude")
+    refuse_foreign_member(args.out, "--out", own=[args.exclude])
+    for path in dict.fromkeys(outputs[:3] + [page]):
         writable_file(path, "--out" if path == args.out else "--exclude" if path == args.exclude else
-                      f"--exclude {args.exclude}: summary")
+                      f"--out {args.out}: page" if path == page else f"--exclude {args.exclude}: summary")
+    regular_or_absent(outputs[3:], f"--exclude {args.exclude}")
     input_file(model, "--checkpoint" if args.checkpoint else "--onnx", "model file")
     check_feature_folder(args.features)
 
@@ -463,6 +529,10 @@ def check_demo(args):
     if not args.work_dir:
         return
     writable_folder(args.work_dir, "--work-dir")
+    w = args.work_dir
+    regular_or_absent([os.path.join(w, "faces", n) for n in ("train.rec", "train.idx")]
+                      + [os.path.join(w, "features", n) for n in FEATURE_FILES + EXTRACT_STATE[:-1]]
+                      + index_outputs(os.path.join(w, f"train_facenms{int(round(args.ratio * 100))}.idx")), "--work-dir")
     if os.path.isdir(args.work_dir):
         foreign = sorted(n for n in os.listdir(args.work_dir)
                          if n not in DEMO_NAMES and not n.startswith("train_facenms"))
@@ -481,12 +551,15 @@ _HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "fre
 
 @contextlib.contextmanager
 def writing(name):
-    """Names ``name`` in an OSError raised without a file name (a write to an open file)."""
+    """Names ``name`` (the option and the outputs it names) in an OSError raised without a file
+    name (a write to an open file) or with the name of one of this process's temporaries."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
+        if exc.errno is not None and exc.filename is None:
             exc.filename = name
+        elif exc.errno is not None and files.output_of(str(exc.filename)) != str(exc.filename):
+            exc.filename, exc.filename2 = f"{name} (writing {files.output_of(str(exc.filename))})", None
         raise
 
 
@@ -494,7 +567,8 @@ def describe(exc):
     """One line for ``exc``: the file and what to do."""
     if isinstance(exc, OSError) and exc.filename is not None:
         # a temporary name beside an output says less than the output's own name
-        name = re.sub(r"\.tmp-\d+(\.\w+)?$", "", str(exc.filename2 or exc.filename))
+        name = str(exc.filename2 or exc.filename)
+        name = re.sub(r"\.tmp-\d+(\.\w+)?$", "", files.output_of(name))
         hint = _HINTS.get(exc.errno)
         text = f"{name}: {exc.strerror}" + (f"; {hint}" if hint else "")
     elif isinstance(exc, MemoryError):

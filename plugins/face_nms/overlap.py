@@ -310,9 +310,11 @@ def _write(paths, report, summary, keys, offsets, page):
     """``paths``: the report, [the index, [its summary]], the page (last)."""
     import json
 
-    from .files import output_set
+    from .files import left_of_family, output_set
     from .recordio_index import write_idx
-    with output_set(paths, [""] * (len(paths) - 1) + [".html"]) as tmps:
+    # an exclusion index replaces the whole set of an earlier index of that name: its plots and page go
+    with output_set(paths, [""] * (len(paths) - 1) + [".html"],
+                    remove=left_of_family(paths[1], paths) if len(paths) > 2 else ()) as tmps:
         body = dict(report)
         page(tmps[-1])
         if summary is not None:

@@ -57,7 +57,7 @@ def write_proxy_subset(out, rec_dir, index, ratio, seed):
     import json
     import os
 
-    from .files import output_set
+    from .files import left_of_family, output_set
     from .provenance import dataset_provenance
     from .recordio_index import write_idx
     from .report import index_summary
@@ -66,7 +66,9 @@ def write_proxy_subset(out, rec_dir, index, ratio, seed):
     keep[rows] = True
     info = index_summary(index.labels, keep, index.keys, dataset_provenance(rec_dir),
                          method="proxy-subset (random per identity)", ratio=ratio, seed=seed)
-    with output_set([out, os.path.splitext(out)[0] + ".json"]) as (tmp_idx, tmp_json):
+    # the plots and page of an earlier index of that name go with it
+    written = [out, os.path.splitext(out)[0] + ".json"]
+    with output_set(written, remove=left_of_family(out, written)) as (tmp_idx, tmp_json):
         write_idx(tmp_idx, index.keys[rows], index.offsets[rows])
         with open(tmp_json, "w") as f:
             json.dump(info, f, indent=1)

@@ -92,7 +92,8 @@ def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=Non
     paths = [idx_path] + report_paths(idx_path) + ([os.path.splitext(idx_path)[0] + ".html"] if page else [])
     if dataset is not None:
         dataset = dict(dataset, label_sample=label_sample(keys, np.asarray(labels)[sel.keep]))
-    with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)]) as tmps:
+    family = report_paths(idx_path) + [os.path.splitext(idx_path)[0] + ".html"]
+    with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)], remove=family[len(paths) - 1:]) as tmps:
         write_idx(tmps[0], keys, offsets)
         info = _write_report(sel, labels, dataset, *tmps[1:4])
         if page is not None:
