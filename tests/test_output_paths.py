@@ -14,7 +14,8 @@ import pytest
 
 from plugins.face_nms.__main__ import main
 from plugins.face_nms.demo import TinyNet, synthetic_faces, write_recordio
-from plugins.face_nms.extract import TorchModel, extract_features
+from plugins.face_nms.extract import extract_features
+from plugins.face_nms.models import TorchModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
