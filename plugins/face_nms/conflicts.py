@@ -186,8 +186,9 @@ def dropped_rows(res, labels, mode):
 
 def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="identity", extra=None):
     """Writes the JSON summary, ``<stem>_pairs.csv``, ``<stem>_faces.csv`` and, with ``drop``, a
-    filtered .idx without the dropped records (``keys``/``offsets``: the image records, one per
-    feature row), as one set. Returns the summary."""
+    filtered set without the dropped records (``keys``/``offsets``: the image records, one per
+    feature row; ``offsets`` may be the :mod:`.datasets` object, which writes its own kind of set), as one
+    set. Returns the summary."""
     import csv
     import json
     import os
@@ -219,7 +220,10 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         if drop:
             gone = dropped_rows(res, labels, drop_mode)
             keep = np.setdiff1d(np.arange(len(labels)), gone)
-            write_idx(tmps[3], keys[keep], np.asarray(offsets)[keep])
+            if hasattr(offsets, "write_subset"):
+                offsets.write_subset(tmps[3], keep)
+            else:
+                write_idx(tmps[3], keys[keep], np.asarray(offsets)[keep])
             info["drop"] = {"index": drop, "mode": drop_mode, "dropped_faces": int(len(gone)),
                             "kept_faces": int(len(keep)),
                             "dropped_identities": int(len(np.setdiff1d(labels[gone], labels[keep])))}

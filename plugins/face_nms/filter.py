@@ -1,11 +1,14 @@
-"""Dataset filters: train the host's MXFaceDataset on the records of a filtered index.
+"""Dataset filters: train the host's dataset on the records of a filtered set.
 
     config.dataset_filter = "face_nms"
     config.face_nms = dict(index="/train_tmp/WebFace42M/train_facenms60.idx")
+    config.face_nms = dict(index="/train_tmp/WebFace42M_folder_facenms60.txt")   # an image folder
 
-The dataset's index list (``imgidx``) is replaced by the kept record keys; the class itself
-is unchanged. ``cfg.num_image`` follows the filtered size and, with ``cfg.dali``, the DALI
-reader reads the same index file (``cfg.train_idx``).
+For a RecordIO ``config.rec`` the MXFaceDataset's index list (``imgidx``) is replaced by the kept
+record keys and, with ``cfg.dali``, the DALI reader reads the same index file (``cfg.train_idx``);
+for an image folder the ImageFolder's ``samples``, ``targets`` and ``imgs`` are reduced to the
+listed files (:func:`.folder_dataset.restrict_image_folder`). The classes themselves are unchanged
+and ``cfg.num_image`` follows the filtered size.
 
     config.dataset_filter = "random"
     config.face_nms = dict(index=".../train_facenms60.idx", seed=0)   # same per-identity counts
@@ -26,7 +29,8 @@ import numpy as np
 
 from ..registry import register_dataset_filter
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
-from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
+from .datasets import open_dataset
+from .recordio_index import RecordIOError
 
 
 def _options(cfg):
@@ -37,13 +41,11 @@ def _options(cfg):
     return opts
 
 
-def _restrict(cfg, dataset, keys, index_path):
-    if not hasattr(dataset, "imgidx"):
-        raise TypeError(f"config.dataset_filter = {cfg.dataset_filter!r} filters an MXNet RecordIO dataset "
-                        f"(train.rec + train.idx in config.rec = {cfg.rec!r}); got {type(dataset).__name__}")
-    dataset.imgidx = np.asarray(keys, dtype=np.int64)
-    cfg.train_idx = index_path
-    return dataset
+def _restrict(cfg, dataset, ds, rows, index_path):
+    try:
+        return ds.restrict(dataset, rows, cfg, index_path)
+    except TypeError as exc:
+        raise TypeError(f"config.dataset_filter = {cfg.dataset_filter!r} (config.rec = {cfg.rec!r}): {exc}") from None
 
 
 def _summary(index):
@@ -59,8 +61,11 @@ def _summary(index):
 
 
 def check_index_dataset(index, rec_dir, keys):
-    """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``."""
-    from .provenance import dataset_provenance, differences
+    """Refuses a filtered set whose summary says it was selected from another dataset than ``rec_dir`` (a
+    path or a :mod:`.datasets` object); ``keys``: the dataset keys of the records it lists."""
+    from .provenance import differences
+    ds = open_dataset(rec_dir)
+    rec_dir = ds.path
     path, info = _summary(index)
     if info is None:
         return
@@ -68,41 +73,38 @@ def check_index_dataset(index, rec_dir, keys):
     if isinstance(info.get("dataset"), dict):
         recorded = dict(info["dataset"])
         sample = recorded.pop("label_sample", None)
-        diff = differences(recorded, dataset_provenance(rec_dir))
+        diff = differences(recorded, ds.provenance())
         if diff:
             raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
         if isinstance(sample, dict):
-            _check_label_sample(index, rec_dir, sample, other, path)
+            _check_label_sample(index, ds, keys, sample, other, path)
         return
     if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
         return
     from .report import kept_histogram
-    full = read_index(rec_dir)
-    hist = {str(v): c for v, c in kept_histogram(full.labels, np.isin(full.keys, keys)).items()}
+    hist = {str(v): c for v, c in kept_histogram(ds.labels, np.isin(ds.keys, keys)).items()}
     recorded = {str(k): int(v) for k, v in info["kept_per_identity_histogram"].items()}
-    if info["total"] != len(full) or info["kept"] != len(keys) or hist != recorded:
+    if info["total"] != len(ds) or info["kept"] != len(keys) or hist != recorded:
         raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces and per-identity "
-                            f"kept counts {_short(recorded)}; {rec_dir} gives {len(full)} faces and "
+                            f"kept counts {_short(recorded)}; {rec_dir} gives {len(ds)} faces and "
                             f"{_short(hist)}); select again from features of this dataset")
 
 
-def _check_label_sample(index, rec_dir, sample, other, path):
-    rec, _ = rec_paths(rec_dir)
-    idx_keys, idx_offsets = read_idx(index)
+def _check_label_sample(index, ds, keys, sample, other, path):
+    """The labels recorded for a sample of kept records, compared with the dataset's labels read now; ``keys``:
+    the dataset keys the filtered set lists (checked to belong to ``ds``)."""
     want_keys = np.asarray(sample.get("keys", []), np.int64)
     want = np.asarray(sample.get("labels", []), np.int64)
-    pos = np.searchsorted(idx_keys, want_keys, sorter=np.argsort(idx_keys, kind="stable"))
-    order = np.argsort(idx_keys, kind="stable")
-    if len(want_keys) != len(want) or np.any(pos >= len(idx_keys)) or \
-            not np.array_equal(idx_keys[order[np.minimum(pos, len(idx_keys) - 1)]], want_keys):
+    if len(want_keys) != len(want) or not np.all(np.isin(want_keys, keys)):
         raise RecordIOError(f"{other}: {path} lists sampled keys that {index} does not; select again")
-    now = record_labels(rec, want_keys, idx_offsets[order[pos]])
+    order = np.argsort(ds.keys, kind="stable")
+    now = ds.read_labels(order[np.searchsorted(ds.keys, want_keys, sorter=order)])
     wrong = np.flatnonzero(now != want)
     if len(wrong):
         k = wrong[0]
         raise RecordIOError(f"{other}: its labels differ ({len(wrong)} of {len(want)} sampled records; key "
-                            f"{int(want_keys[k])}: {int(want[k])} in {path}, {int(now[k])} in {rec}); select again "
-                            f"from features of this dataset")
+                            f"{int(want_keys[k])}: {int(want[k])} in {path}, {int(now[k])} in {ds.path}); select "
+                            f"again from features of this dataset")
 
 
 def _short(hist, k=4):
@@ -117,9 +119,10 @@ def face_nms_filter(cfg, dataset):
     if not index:
         raise ValueError("config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          "plugins.face_nms select`)")
-    keys = load_filtered_index(index, cfg.rec)
-    check_index_dataset(index, cfg.rec, keys)
-    return _restrict(cfg, dataset, keys, index)
+    ds = open_dataset(cfg.rec)
+    rows = ds.subset_rows(index)
+    check_index_dataset(index, ds, ds.keys[rows])
+    return _restrict(cfg, dataset, ds, rows, index)
 
 
 @register_dataset_filter("random")
@@ -127,10 +130,10 @@ def random_filter(cfg, dataset):
     """A random per-identity sample: the counts of ``index`` per identity, or ``ratio``."""
     opts = _options(cfg)
     seed = int(opts.get("seed", 0))
-    full = read_index(cfg.rec)
+    full = open_dataset(cfg.rec)
     if opts.get("index"):
-        kept = load_filtered_index(opts["index"], cfg.rec)
-        quota = np.bincount(full.labels[np.isin(full.keys, kept)], minlength=full.num_classes)
+        kept = full.subset_rows(opts["index"])
+        quota = np.bincount(full.labels[kept], minlength=full.num_classes)
         rows = random_subset(full.labels, seed=seed, quota=quota)
     elif opts.get("ratio") is not None:
         check_ratio(opts["ratio"])
@@ -141,10 +144,10 @@ def random_filter(cfg, dataset):
                          "or ratio=")
     out_dir = cfg.get("output", None) or "."
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"train_random_seed{seed}.idx")
-    order = np.argsort(full.keys[rows], kind="stable")
-    write_idx(path, full.keys[rows][order], full.offsets[rows][order])
-    return _restrict(cfg, dataset, full.keys[rows][order], path)
+    path = os.path.join(out_dir, f"train_random_seed{seed}{full.subset_ext}")
+    rows = rows[np.argsort(full.keys[rows], kind="stable")]
+    full.write_subset(path, rows)
+    return _restrict(cfg, dataset, full, rows, path)
 
 
 __all__ = ["face_nms_filter", "random_filter", "RecordIOError"]

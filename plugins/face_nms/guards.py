@@ -105,9 +105,26 @@ def same_file(a, b):
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+class _Tree(str):
+    """An input folder no output may be written into (an image folder dataset), not only replaced."""
+
+
 def dataset_files(rec_dir):
+    """The dataset's files no output may replace: train.rec and train.idx, or, for an image folder, every path
+    inside it."""
+    from .datasets import is_recordio
+    if os.path.isdir(rec_dir) and not is_recordio(rec_dir):
+        return [(_Tree(rec_dir), f"inside the image folder {rec_dir}, the dataset")]
     return [(os.path.join(rec_dir, "train.rec"), "the dataset's train.rec"),
             (os.path.join(rec_dir, "train.idx"), "the dataset's train.idx")]
+
+
+def subset_name(path, rec_dir, option="--out"):
+    """A filtered set of an image folder is a .txt list of image paths."""
+    from .datasets import is_recordio
+    if path and os.path.isdir(rec_dir) and not is_recordio(rec_dir) and not path.endswith(".txt"):
+        raise UsageError(f"{option} {path}: a filtered set of the image folder {rec_dir} is a list of its image "
+                         f"paths; name it .txt")
 
 
 def feature_files(feature_dir):
@@ -117,8 +134,12 @@ def feature_files(feature_dir):
 def refuse_replacing(outputs, inputs, option="--out"):
     """UsageError when an output path resolves to an input. ``outputs`` are paths the command
     would write, the first being ``option`` itself; ``inputs`` are (path, description) pairs."""
+    from .datasets import inside
     for out in outputs:
         for path, what in inputs:
+            if isinstance(path, _Tree) and inside(out, path):
+                raise UsageError(f"{option} {out} is {what}: no output is ever written into the dataset; choose "
+                                 f"another {option} outside it")
             if same_file(out, path):
                 via = "" if out == outputs[0] else f" would write {out}, which"
                 where = "" if out == path else f" ({path})"
@@ -231,8 +252,11 @@ def check_feature_folder(feature_dir):
 
 
 def rec_folder(rec_dir):
+    either = "a folder holding train.rec and train.idx, or an image folder (one sub-folder per identity)"
     if os.path.isfile(rec_dir):
-        raise NotADirectoryError(f"--rec {rec_dir} is a file: give the folder holding train.rec and train.idx")
+        raise NotADirectoryError(f"--rec {rec_dir} is a file: give {either}")
+    if not os.path.exists(rec_dir):
+        raise FileNotFoundError(f"--rec {rec_dir} not found: give {either}")
 
 
 def feature_folder(feature_dir):
@@ -250,6 +274,7 @@ def check_stats(args):
 
 def check_proxy_subset(args):
     rec_folder(args.rec)
+    subset_name(args.out, args.rec)
     refuse_replacing([args.out], dataset_files(args.rec))
     writable_file(args.out)
 
@@ -267,6 +292,7 @@ def check_select(args):
     rec_folder(args.rec)
     feature_folder(args.features)
     outputs = selection_outputs(args.out)
+    subset_name(args.out, args.rec)
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
@@ -364,6 +390,7 @@ def check_conflicts(args):
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     if args.drop:
+        subset_name(args.drop, args.rec, "--drop")
         refuse_replacing(outputs[3:], inputs, "--drop")
         if args.drop.endswith(".json"):
             raise UsageError(f"--drop {args.drop}: name the index .idx (its summary <stem>.json goes beside it)")
@@ -397,6 +424,7 @@ def check_overlap(args):
         if same_file(args.exclude, args.out) or args.exclude.endswith(".json"):
             raise UsageError(f"--exclude {args.exclude}: name the index .idx (its summary <stem>.json goes beside it) "
                              f"and the report --out .json")
+        subset_name(args.exclude, args.rec, "--exclude")
         outputs += [args.exclude, os.path.splitext(args.exclude)[0] + ".json"]
     refuse_replacing(outputs[:1], inputs)
     if args.exclude:

@@ -214,10 +214,12 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     """Writes the overlap report ``out`` (and the exclusion index ``exclude``); returns the report."""
     import os
 
+    from .datasets import open_dataset
     from .eval_bin import read_bin
     from .features import load_features
     from .models import load_model, model_origin
-    feats, labels, _, meta = load_features(feature_dir, rec_dir)
+    ds = open_dataset(rec_dir)
+    feats, labels, _, meta = load_features(feature_dir, ds)
     check_same_model(feature_dir, meta, model_origin(checkpoint, network, embedding_size, onnx), checkpoint or onnx)
     bins = [read_bin(p) for p in bin_paths]
     model = load_model(checkpoint, network, embedding_size, onnx, device)
@@ -247,43 +249,41 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     report["exclusion"] = None
     paths = [out]
     if exclude:
-        report["exclusion"], summary, keys, offsets = _exclusion(exclude, rec_dir, labels, found, meta, out)
+        report["exclusion"], summary, rows = _exclusion(exclude, ds, labels, found, meta, out)
         from .guards import same_file
         paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
-    _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None)
+    _write(paths, report, summary if exclude else None, rows if exclude else None, ds)
     return report
 
 
-def _exclusion(exclude, rec_dir, labels, found, meta, out):
-    """The training records of identities outside the overlap, with the summary the training filter reads."""
+def _exclusion(exclude, ds, labels, found, meta, out):
+    """The training rows of identities outside the overlap, with the summary the training filter reads."""
     import os
 
-    from .recordio_index import image_records
     from .report import index_summary
     keep = ~np.isin(labels, found)
     identities = len(np.unique(labels))
     if not keep.any():
         raise ValueError(f"--exclude {exclude}: the overlap holds every one of the {identities} training identities, "
                          f"so the exclusion index would be empty; check --threshold and the model")
-    _, keys, offsets = image_records(rec_dir)  # load_features checked these are the feature rows, in order
+    keys = ds.keys  # load_features checked these are the feature rows, in order
     summary = index_summary(labels, keep, keys, meta["provenance"]["dataset"], method="overlap exclusion",
                             identities=identities, removed_identities=int(len(found)),
                             removed_faces=int((~keep).sum()), overlap_report=os.path.abspath(out))
     summary["path"] = os.path.splitext(exclude)[0] + ".json"
     info = {k: summary[k] for k in ("kept", "total", "removed_identities", "removed_faces")}
     info["index"] = os.path.abspath(exclude)
-    return info, summary, keys[keep], offsets[keep]
+    return info, summary, np.flatnonzero(keep)
 
 
-def _write(paths, report, summary, keys, offsets):
+def _write(paths, report, summary, rows, ds):
     import json
 
     from .files import output_set
-    from .recordio_index import write_idx
     with output_set(paths) as tmps:
         body = dict(report)
         if summary is not None:
-            write_idx(tmps[1], keys, offsets)
+            ds.write_subset(tmps[1], rows)
             extra = {k: v for k, v in summary.items() if k != "path"}
             if len(paths) == 3:
                 with open(tmps[2], "w") as f:

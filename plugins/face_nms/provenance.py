@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .recordio_index import image_records, rec_paths, record_labels
+from .recordio_index import rec_paths
 
 LABEL_SAMPLE = 4096
 
@@ -54,31 +54,34 @@ def differences(old, new, prefix=""):
 
 
 def check_dataset(feature_dir, meta, rec_dir, labels, keys):
-    """Refuses features whose rows are not this dataset's image records with these labels.
+    """Refuses features whose rows are not this dataset's face records with these labels.
 
-    The train.idx digest recorded at extraction is compared first (it fixes keys and offsets); labels
-    are then compared on a sample of rows, or on every row when no digest was recorded.
+    ``rec_dir``: the dataset's path or a :mod:`.datasets` object. The dataset provenance recorded at
+    extraction is compared first (for RecordIO it fixes keys and offsets, for a folder the file list);
+    labels are then compared on a sample of rows, or on every row when no provenance was recorded.
     """
+    from .datasets import open_dataset
+    ds = open_dataset(rec_dir)
+    rec_dir = ds.path
     recorded = (meta.get("provenance") or {}).get("dataset")
     other = f"features in {feature_dir} were not extracted from {rec_dir}"
     if recorded is not None:
-        diff = differences(recorded, dataset_provenance(rec_dir))
+        diff = differences(recorded, ds.provenance())
         if diff:
             raise ValueError(f"{other}: {'; '.join(diff)}; extract features of this dataset")
-    _, rec_keys, rec_offsets = image_records(rec_dir)
+    rec_keys = ds.keys
     if not np.array_equal(rec_keys, keys):
-        raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} image records of "
+        raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} face records of "
                          f"{rec_dir}; extract features of this dataset")
     rows = np.arange(len(keys))
     if recorded is not None and len(rows) > LABEL_SAMPLE:
         rows = np.unique(np.linspace(0, len(keys) - 1, LABEL_SAMPLE).astype(np.int64))
-    rec, _ = rec_paths(rec_dir)
-    now = record_labels(rec, rec_keys[rows], rec_offsets[rows])
+    now = ds.read_labels(rows)
     wrong = np.flatnonzero(now != labels[rows])
     if len(wrong):
         k = int(rows[wrong[0]])
         raise ValueError(f"{other}: labels differ for {len(wrong)} of {len(rows)} rows compared (record "
-                         f"{int(keys[k])}: {int(labels[k])} in labels.npy, {now[wrong[0]]:g} in train.rec); "
+                         f"{ds.record_name(k)}: {int(labels[k])} in labels.npy, {now[wrong[0]]:g} in the dataset); "
                          f"extract features of this dataset")
 
 
