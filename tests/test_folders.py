@@ -244,7 +244,10 @@ def test_folder_with_no_identities(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.rec").write_bytes(b"")  # no train.idx: the host reads a folder
     status, _, lines = run(["stats", "--rec", str(tmp_path / "empty")], capsys)
-    one_line(status, lines, 1, "empty", "no train.rec + train.idx and no identity sub-folders")
+    one_line(status, lines, 1, "empty/train.idx not found beside train.rec", "no identity sub-folders")
+    os.remove(str(tmp_path / "empty" / "train.rec"))
+    status, _, lines = run(["stats", "--rec", str(tmp_path / "empty")], capsys)
+    one_line(status, lines, 1, "empty holds no train.rec + train.idx and no identity sub-folders")
 
 
 def test_identity_folder_without_images(tmp_path, capsys):

@@ -182,6 +182,13 @@ def list_images(root, progress=True):
     except OSError as exc:
         raise FolderError(f"--rec {root} cannot be read ({exc.strerror}); check its permissions") from None
     if not classes:
+        pair = [os.path.join(root, n) for n in ("train.rec", "train.idx")]
+        have = [os.path.exists(p) for p in pair]
+        if any(have):
+            missing, there = (pair[1], pair[0]) if have[0] else (pair[0], pair[1])
+            raise FolderError(f"{missing} not found beside {os.path.basename(there)}, and {root} holds no identity "
+                              f"sub-folders either: restore {os.path.basename(missing)} (a RecordIO folder needs "
+                              f"both) or give an image folder with one sub-folder of images per identity")
         raise FolderError(f"{root} holds no train.rec + train.idx and no identity sub-folders: give a RecordIO "
                           f"folder or an image folder with one sub-folder of images per identity")
     files, labels, h = [], [], hashlib.sha256()
