@@ -308,3 +308,50 @@ def test_a_folder_set_is_named_txt(folder, tmp_path, capsys):
     status, _, lines = run(["proxy-subset", "--rec", folder, "--ratio", "0.5", "--out", str(tmp_path / "p.idx")],
                            capsys)
     one_line(status, lines, 2, "p.idx: a filtered set of the image folder", "name it .txt")
+
+
+def _shard_worker(rank, world, port, root, out):
+    import gloo_group
+    gloo_group.join(rank, world, port)
+    extract_features(root, out, model(), batch_size=8, workers=0, chunk_rows=16, progress=False)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_write_the_single_process_file(folder, features, tmp_path):
+    import gloo_group
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "sharded")
+    mp.spawn(_shard_worker, args=(2, gloo_group.free_port(), folder, out), nprocs=2, join=True)
+    assert np.array_equal(np.load(os.path.join(features, "features.npy")), np.load(os.path.join(out, "features.npy")))
+    assert np.array_equal(np.load(os.path.join(features, "labels.npy")), np.load(os.path.join(out, "labels.npy")))
+
+
+def test_overlap_exclusion_of_a_folder_is_a_file_list_the_filter_takes(tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+    from easydict import EasyDict as edict
+    from plugins.face_nms.models import OnnxModel
+    from plugins.registry import apply_dataset_filter
+    from test_overlap import PoolNet, _onnx, write_bin
+    images, labels, _ = synthetic_faces(n_ids=6, seed=11, burst_every=1000)
+    root = write_folder(str(tmp_path / "faces"), images, labels)
+    onnx = _onnx(PoolNet(), str(tmp_path / "pool.onnx"))
+    feats = extract_features(root, str(tmp_path / "f"), OnnxModel(onnx, "cpu"), batch_size=32, workers=0,
+                             progress=False)
+    ds = open_dataset(root)
+    shown = [r for r in range(len(ds)) if ds.labels[r] == 2][:4]  # faces of identity 2 in the evaluation set
+    from plugins.face_nms.decode import decode_image_file
+    lfw = write_bin(tmp_path / "lfw.bin", [decode_image_file(os.path.join(root, ds.files[r])) for r in shown])
+    exclude = str(tmp_path / "no_overlap.txt")
+    status, out, err = run(["overlap", "--features", feats, "--rec", root, "--onnx", onnx, "--bin", lfw,
+                            "--device", "cpu", "--threshold", "0.7", "--out", str(tmp_path / "o.json"),
+                            "--exclude", exclude], capsys)
+    assert status == 0, err
+    report = json.load(open(str(tmp_path / "o.json")))
+    assert 2 in report["totals"]["labels"]
+    kept = open(exclude, encoding="utf-8").read().splitlines()
+    gone = set(report["totals"]["labels"])
+    assert kept == [f for f, y in zip(ds.files, ds.labels.tolist()) if y not in gone]
+    cfg = edict(rec=root, num_image=0, dataset_filter="face_nms", face_nms=dict(index=exclude))
+    tv = apply_dataset_filter(cfg, ImageFolder(root))
+    assert [os.path.relpath(p, root) for p, _ in tv.samples] == kept and cfg.num_image == len(kept)
