@@ -30,9 +30,12 @@ if how == "torchvision":
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 elif how == "ours":
     from plugins.face_nms.datasets import open_dataset
+def hwm(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+base = hwm("VmRSS")
 t = time.perf_counter()  # after the imports
-if how == "scandir":
-    n, stack = 0, [root]
+if how in ("scandir", "scandir+stat"):
+    n, stack, with_stat = 0, [root], how == "scandir+stat"
     while stack:
         with os.scandir(stack.pop()) as it:
             for e in it:
@@ -40,6 +43,8 @@ if how == "scandir":
                     stack.append(e.path)
                 else:
                     n += 1
+                    if with_stat:
+                        e.stat()
 elif how == "torchvision":
     n = len(make_dataset(root, find_classes(root)[1], IMG_EXTENSIONS))
 else:
@@ -49,7 +54,7 @@ else:
     ds.provenance()
 print(json.dumps({{"files": n, "seconds": time.perf_counter() - t,
                   "list_seconds": t_list if how == "ours" else None,
-                  "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024}}))
+                  "peak_rss_mb": hwm("VmHWM"), "rss_after_imports_mb": base}}))
 """
 
 
@@ -78,13 +83,14 @@ def child(tree, how):
 
 def bench_listing(tree, files):
     out = {}
-    for how in ("scandir", "scandir", "torchvision", "ours"):  # the first scandir warms the cache
+    for how in ("scandir", "scandir", "scandir+stat", "torchvision", "ours"):  # the first scandir warms the cache
         out[how] = child(tree, how)
         assert out[how]["files"] == files, out[how]
-    b = out["scandir"]["seconds"]
-    rows = [[how, f"{r['seconds']:.1f}", f"{r['seconds'] / b:.2f}", f"{r['peak_rss_mb']:.0f}"]
-            for how, r in out.items()]
-    table(["listing", "seconds", "/ bare scandir", "peak RSS MB"], rows)
+    b, bs = out["scandir"]["seconds"], out["scandir+stat"]["seconds"]
+    rows = [[how, f"{r['seconds']:.1f}", f"{r['seconds'] / b:.2f}", f"{r['seconds'] / bs:.2f}",
+             f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f}",
+             f"{(r['peak_rss_mb'] - r['rss_after_imports_mb']) * 2 ** 20 / files:.0f}"] for how, r in out.items()]
+    table(["listing", "seconds", "/ bare scandir", "/ scandir+stat", "memory MB", "bytes/file"], rows)
     return out
 
 

@@ -16,6 +16,7 @@ images' paths relative to the root, one per line, in listing order.
 import hashlib
 import os
 import stat
+import struct
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .files import atomic_output
 # torchvision.datasets.folder.IMG_EXTENSIONS; compared in tests with the installed torchvision
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SUBSET_EXT = ".txt"
+_SIZE_MTIME = struct.Struct("<qq")
 
 
 class FolderError(ValueError):
@@ -126,24 +128,40 @@ class FolderDataset:
         paths = read_file_list(path)
         if not paths:
             raise FolderError(f"filtered set {path} lists no images")
+        return self.subset_rows_of(paths, f"filtered set {path}")
+
+    def subset_rows_of(self, paths, what="the filtered set"):
+        """Rows of ``paths`` (relative to the root), each an image of this listing, none twice. A list in
+        listing order (as written) is matched in one merge pass, without a table of every file."""
+        files, rows, j = self.files, np.empty(len(paths), np.int64), 0
+        for n, name in enumerate(paths):
+            while j < len(files) and files[j] != name:
+                j += 1
+            if j == len(files):
+                return self._rows_by_table(paths, what)
+            rows[n] = j
+            j += 1
+        return rows
+
+    def _rows_by_table(self, paths, what):
         where = {name: i for i, name in enumerate(self.files)}
         rows = np.empty(len(paths), np.int64)
         for n, name in enumerate(paths):
             i = where.get(name)
             if i is None:
-                raise FolderError(f"filtered set {path} does not belong to {self.path}: line {n + 1} ({name!r}) is "
-                                  f"not an image of that folder; select again from features of this dataset")
+                raise FolderError(f"{what} does not belong to {self.path}: line {n + 1} ({name!r}) is not an image "
+                                  f"of that folder; select again from features of this dataset")
             rows[n] = i
         if len(np.unique(rows)) != len(rows):
             seen = set()
             n = next(n for n, r in enumerate(rows.tolist()) if r in seen or seen.add(r))
-            raise FolderError(f"filtered set {path} lists {paths[n]!r} twice (line {n + 1}); regenerate it")
+            raise FolderError(f"{what} lists {paths[n]!r} twice (line {n + 1}); regenerate it")
         return rows
 
     def restrict(self, host_dataset, rows, cfg=None, index_path=None):
         """The host's ImageFolder restricted to ``rows`` of this listing (its samples checked to be this listing)."""
-        return restrict_image_folder(host_dataset, self.path, [self.files[i] for i in np.sort(rows).tolist()],
-                                     listing=self)
+        _check_host_listing(host_dataset, _host_files(host_dataset, self.path), self.path, self)
+        return _keep_rows(host_dataset, rows)
 
     def guarded_paths(self):
         """Files an output must not replace: none by name; every path inside the folder is refused instead."""
@@ -201,12 +219,13 @@ def list_images(root, progress=True):
             found.sort(key=lambda item: item[0])
             count = 0
             for folder, images in found:
-                rel_folder = os.path.relpath(folder, root)
-                for fname, size, mtime in sorted(images):
-                    rel = os.path.join(rel_folder, fname)
-                    files.append(rel)
-                    h.update(_fs(rel) + b"\0" + np.array([size, mtime], "<i8").tobytes())
-                    count += 1
+                prefix = name + folder[len(top):] + os.sep
+                images.sort()
+                names = [prefix + fname for fname, _, _ in images]
+                files += names
+                h.update(b"".join(_fs(rel) + b"\0" + _SIZE_MTIME.pack(size, mtime)
+                                  for rel, (_, size, mtime) in zip(names, images)))
+                count += len(images)
             if not count:
                 raise FolderError(f"identity folder {top} holds no image (names ending in "
                                   f"{', '.join(IMG_EXTENSIONS)}); torchvision's ImageFolder refuses it too: add its "
@@ -243,20 +262,19 @@ def _walk(folder, found, ancestors, bar):
         if _is_dir(e):
             subdirs.append(e)
             continue
-        if not _is_image(e.name):
+        name = e.name
+        if not name.lower().endswith(IMG_EXTENSIONS):
             continue
-        path = os.path.join(folder, e.name)
-        if "\n" in e.name or "\r" in e.name:
-            raise FolderError(f"image {path!r} has a line break in its name; a filtered set lists one name per "
-                              f"line: rename it")
         try:
             s = e.stat()
         except OSError as exc:
             what = "is a link to nothing" if e.is_symlink() else f"cannot be read ({exc.strerror})"
-            raise FolderError(f"image {path} {what}; fix or remove it") from None
-        if not stat.S_ISREG(s.st_mode):
-            raise FolderError(f"image {path} is not a regular file; remove it from the folder")
-        images.append((e.name, s.st_size, s.st_mtime_ns))
+            raise FolderError(f"image {os.path.join(folder, name)} {what}; fix or remove it") from None
+        if not stat.S_ISREG(s.st_mode) or "\n" in name or "\r" in name:
+            why = ("is not a regular file; remove it from the folder" if not stat.S_ISREG(s.st_mode) else
+                   "has a line break in its name; a filtered set lists one name per line: rename it")
+            raise FolderError(f"image {os.path.join(folder, name)!r} {why}")
+        images.append((name, s.st_size, s.st_mtime_ns))
     found.append((folder, images))
     bar.update(len(images))
     for e in subdirs:
@@ -270,26 +288,39 @@ def _walk(folder, found, ancestors, bar):
 
 def restrict_image_folder(dataset, root, kept, listing=None):
     """Restricts the host's ImageFolder (``samples``, ``targets``, ``imgs``) to the images ``kept`` (paths
-    relative to ``root``). Its samples must be the listing of ``root`` (``listing``: a FolderDataset of it) with
-    the same labels, so that the kept paths name the images the selection saw."""
-    if not (hasattr(dataset, "samples") and hasattr(dataset, "targets")):
-        raise TypeError(f"the filtered set of the image folder {root} restricts torchvision's ImageFolder; got "
-                        f"{type(dataset).__name__}")
-    samples = dataset.samples
-    rel = [os.path.relpath(p, root) for p, _ in samples]
+    relative to ``root``). With ``listing`` (a FolderDataset of ``root``) its samples are first checked to be
+    that listing with the same labels, so that the kept paths name the images the selection saw."""
+    rel = _host_files(dataset, root)
     if listing is not None:
-        if rel != listing.files or [int(t) for _, t in samples] != listing.labels.tolist():
-            n = next((i for i, (a, b) in enumerate(zip(rel, listing.files)) if a != b), min(len(rel), len(listing)))
-            raise FolderError(f"the host's ImageFolder of {root} lists {len(rel)} images and this plugin "
-                              f"{len(listing)}, first difference at row {n}; the folder changed while it was read "
-                              f"or torchvision lists it otherwise: check the folder and rerun")
+        _check_host_listing(dataset, rel, root, listing)
+        return _keep_rows(dataset, listing.subset_rows_of(kept, "the filtered set"))
     where = {name: i for i, name in enumerate(rel)}
     missing = next((p for p in kept if p not in where), None)
     if missing is not None:
         raise FolderError(f"{missing!r} of the filtered set is not an image the host's ImageFolder lists in {root}; "
                           f"select again from features of this dataset")
-    rows = sorted(where[p] for p in kept)
-    dataset.samples = [samples[i] for i in rows]
+    return _keep_rows(dataset, [where[p] for p in kept])
+
+
+def _host_files(dataset, root):
+    if not (hasattr(dataset, "samples") and hasattr(dataset, "targets")):
+        raise TypeError(f"the filtered set of the image folder {root} restricts torchvision's ImageFolder; got "
+                        f"{type(dataset).__name__}")
+    prefix = os.path.join(root, "")
+    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p, _ in dataset.samples]
+
+
+def _check_host_listing(dataset, rel, root, listing):
+    if rel != listing.files or dataset.targets != listing.labels.tolist():
+        n = next((i for i, (a, b) in enumerate(zip(rel, listing.files)) if a != b), min(len(rel), len(listing)))
+        raise FolderError(f"the host's ImageFolder of {root} lists {len(rel)} images and this plugin "
+                          f"{len(listing)}, first difference at row {n}; the folder changed while it was read "
+                          f"or torchvision lists it otherwise: check the folder and rerun")
+
+
+def _keep_rows(dataset, rows):
+    samples = dataset.samples
+    dataset.samples = [samples[i] for i in sorted(int(r) for r in rows)]
     dataset.imgs = dataset.samples
     dataset.targets = [t for _, t in dataset.samples]
     return dataset
