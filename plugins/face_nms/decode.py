@@ -57,7 +57,11 @@ def decode_image_file(path):
             im = Image.open(f)
             im = im.convert("RGB")
     except OSError as exc:
-        why = exc.strerror or str(exc).split(" '")[0] or type(exc).__name__
+        from PIL import UnidentifiedImageError
+        if isinstance(exc, UnidentifiedImageError):
+            why = "PIL cannot identify it as an image"
+        else:
+            why = exc.strerror or str(exc) or type(exc).__name__
         raise FolderError(f"image {path} cannot be decoded ({why}); fix or remove it") from None
     if im.size != (IMAGE_SIZE, IMAGE_SIZE):
         raise FolderError(f"image {path} is {im.size[0]}x{im.size[1]}, not {IMAGE_SIZE}x{IMAGE_SIZE}: the host's "
