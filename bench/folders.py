@@ -143,18 +143,34 @@ def bench_select(tree, work, dim):
     with open(os.path.join(feat_dir, "meta.json"), "w") as fh:
         json.dump({"model": "synthetic", "count": n, "dimension": dim, "flip": False, "layout": "folder",
                    "provenance": {"dataset": ds.provenance(), "model": {"name": "synthetic"}, "flip": False}}, fh)
+    # the select command's steps, timed one by one (as cmd_select runs them, page without identities)
+    from plugins.face_nms.features import load_features
+    from plugins.face_nms.gallery import selection_writer
+    from plugins.face_nms.report import write_selection
+    from plugins.face_nms.select import run_method
     out = os.path.join(work, "sel.txt")
-    cmd = [sys.executable, "-m", "plugins.face_nms", "select", "--features", feat_dir, "--rec", tree, "--ratio",
-           "0.6", "--out", out, "--device", "cpu", "--gallery-ids", "0"]
+    steps, t = {}, time.perf_counter()
+    ds = open_dataset(tree, progress=False)
+    ds.files
+    steps["listing"] = time.perf_counter() - t
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if r.returncode:
-        sys.exit(r.stderr[-2000:])
+    feats, labels, keys, meta = load_features(feat_dir, ds)
+    steps["provenance check"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sel = run_method("nms", feats, labels, ratio=0.6, order="hard-first", seed=0, device="cpu",
+                     spill_dir=work, chunk_rows=1 << 16, centers=None, threshold=None, progress=False)
+    steps["selection"] = time.perf_counter() - t
+    t = time.perf_counter()
+    page = selection_writer(ds, feats, labels, ds.keys, None, sel, out, ids=0, seed=0)
+    write_selection(out, ds.keys[sel.keep], None, sel, labels, dataset=meta["provenance"]["dataset"], page=page,
+                    write=lambda path: ds.write_subset(path, sel.keep))
+    steps["writing (.txt, summary, plots, page)"] = time.perf_counter() - t
+    wall = sum(steps.values())
     kept = sum(1 for _ in open(out, encoding="utf-8"))
-    res = {"faces": n, "identities": ds.num_classes, "dimension": dim, "wall_seconds": wall,
-           "peak_rss_mb": int(r.stderr.strip().splitlines()[-1]) / 1024, "kept": kept, "kept_fraction": kept / n,
-           "stdout": r.stdout.strip()}
+    res = {"faces": n, "identities": ds.num_classes, "dimension": dim, "wall_seconds": wall, "steps_seconds": steps,
+           "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024,
+           "kept": kept, "kept_fraction": kept / n}
+    table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in steps.items()])
     table(["select on folder", "faces", "wall s", "peak RSS MB", "kept"],
           [["ratio 0.6", n, f"{wall:.1f}", f"{res['peak_rss_mb']:.0f}", f"{kept / n:.4f}"]])
     return res
@@ -169,6 +185,7 @@ def main():
     p.add_argument("--select-dim", type=int, default=512)
     p.add_argument("--skip", nargs="*", default=[], choices=["listing", "extract", "select"])
     p.add_argument("--keep-tree", action="store_true", help="leave the listing tree for another run")
+    p.add_argument("--name", help="result file name (default: folders_<files/1000>k)")
     a = p.parse_args()
     result = {"files": a.files, "per_id": a.per_id}
     work = tempfile.mkdtemp(prefix="face_nms_folders_")
@@ -189,7 +206,7 @@ def main():
             shutil.rmtree(a.tree, ignore_errors=True)
             if os.path.exists(a.tree + ".complete"):
                 os.remove(a.tree + ".complete")
-    save(f"folders_{a.files // 1000}k", result)
+    save(a.name or f"folders_{a.files // 1000}k", result)
 
 
 if __name__ == "__main__":
