@@ -204,10 +204,10 @@ def cmd_demo(args):
 
 def main(argv=None):
     p = _Parser(prog="python -m plugins.face_nms", description=__doc__.splitlines()[0] +
-                  ": Face-NMS core-set selection for arcface_torch RecordIO datasets.")
+                  ": Face-NMS core-set selection for arcface_torch datasets (RecordIO or image folders).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("stats", help="count faces and identities of a RecordIO folder (or of a filtered index)")
+    s = sub.add_parser("stats", help="count faces and identities of a dataset, RecordIO or image folder (or of a filtered set)")
     s.add_argument("--rec", required=True, help=REC_HELP)
     s.add_argument("--index", help="a filtered set of that dataset (.idx, or .txt for an image folder)")
     s.set_defaults(func=cmd_stats)
