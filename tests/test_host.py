@@ -177,7 +177,11 @@ def test_recipes_load_with_the_host_config_loader(installed):
               "wf12m_r50_fastface"):
         assert cfgs[n]["batch_size"] == 128 and cfgs[n]["lr"] == 0.02
     nms = {n: c for n, c in cfgs.items() if "facenms" in n}
-    assert len(nms) == 5 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
+    assert len(nms) == 6 and all(c["dataset_filter"] == "face_nms" for c in nms.values())
+    folder = cfgs["wf42m_folder_r100_facenms60"]
+    assert folder["face_nms"]["index"].endswith(".txt") and not folder["dali"]
+    assert {k: v for k, v in folder.items() if k not in ("rec", "face_nms", "output")} == \
+        {k: v for k, v in cfgs["wf42m_pfc02_r100_facenms60"].items() if k not in ("rec", "face_nms", "output")}
 
 
 def test_default_config_builds_the_host_polynomial_scheduler(installed):
@@ -395,3 +399,51 @@ def test_patched_train_v2_uses_the_registry(installed):
     compile(src, "train_v2.py", "exec")
     assert "build_lr_scheduler(cfg, opt)" in src and "step_lr_scheduler(lr_scheduler, loss_value)" in src
     assert src.count("loss.item()") == 2  # wandb's read stays; the scheduler and logging share loss_value
+
+
+FOLDER_RUN = """
+# get_dataloader's ImageFolder branch, patched, on the CPU: its DataLoaderX uses CUDA streams, made no-ops here
+import contextlib, json, os, torch
+torch.cuda.set_device = lambda *a, **k: None
+class _Stream:
+    def __init__(self, *a, **k): pass
+    def wait_stream(self, other): pass
+torch.cuda.Stream = _Stream
+torch.cuda.current_stream = lambda *a, **k: _Stream()
+torch.cuda.stream = lambda s: contextlib.nullcontext()
+from easydict import EasyDict as edict
+from dataset import get_dataloader
+cfg = edict(rec=ROOT, num_image=10 ** 9, dataset_filter="face_nms", face_nms=dict(index=INDEX))
+loader = get_dataloader(cfg.rec, "cpu", 4, False, False, 2048, 0, cfg=cfg)
+ds = loader.dataset
+labels = [int(y) for _, y in loader for y in y]
+x, _ = ds[0]
+print(json.dumps({"type": type(ds).__name__, "files": [os.path.relpath(p, ROOT) for p, _ in ds.samples],
+                  "targets": ds.targets, "num_image": cfg.num_image, "labels": labels, "shape": list(x.shape)}))
+"""
+
+
+def test_folder_selection_trains_through_the_patched_get_dataloader(installed, tmp_path):
+    from plugins.face_nms.__main__ import main
+    from plugins.face_nms.datasets import open_dataset
+    from plugins.face_nms.demo import TinyNet
+    from plugins.face_nms.extract import extract_features
+    from plugins.face_nms.models import TorchModel
+    from test_folders import write_folder
+    _, at = installed
+    images, labels, _ = synthetic_faces(n_ids=5, seed=9)
+    root = write_folder(str(tmp_path / "faces"), images, labels)
+    feats = extract_features(root, str(tmp_path / "f"), TorchModel(TinyNet(seed=0), "cpu"), batch_size=16,
+                             workers=0, progress=False)
+    sel = str(tmp_path / "facenms60.txt")
+    main(["select", "--features", feats, "--rec", root, "--ratio", "0.6", "--out", sel, "--device", "cpu",
+          "--gallery-ids", "0"])
+    kept = open(sel, encoding="utf-8").read().splitlines()
+    res = json.loads(run_in(at, f"ROOT, INDEX = {root!r}, {sel!r}\n" + FOLDER_RUN).strip().splitlines()[-1])
+    ds = open_dataset(root)
+    assert res["type"] == "ImageFolder" and res["files"] == kept and res["num_image"] == len(kept)
+    assert res["targets"] == ds.labels[[ds.files.index(k) for k in kept]].tolist()
+    assert res["shape"] == [3, 112, 112]
+    # one epoch reads only kept files (drop_last leaves out the last partial batch)
+    assert len(res["labels"]) == len(kept) // 4 * 4
+    assert np.all(np.bincount(res["labels"], minlength=5) <= np.bincount(res["targets"], minlength=5))

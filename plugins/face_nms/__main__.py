@@ -54,38 +54,42 @@ def _name(prog):
     return prog.replace("python -m plugins.", "")
 
 
+REC_HELP = ("the dataset: a folder with train.rec and train.idx, or else an image folder (one sub-folder per identity, "
+            "as torchvision's ImageFolder reads it)")
+
+
 def cmd_stats(args):
     guards.check_stats(args)
+    from .datasets import open_dataset
     from .files import reading_set
-    from .recordio_index import load_filtered_index, read_index
-    index = read_index(args.rec)
-    labels = index.labels
+    ds = open_dataset(args.rec)
+    labels = ds.labels
     if args.index:
         from .filter import check_index_dataset
         with reading_set(args.index):
-            kept = load_filtered_index(args.index, args.rec)
-            check_index_dataset(args.index, args.rec, kept)
-        labels = labels[np.isin(index.keys, kept)]
+            rows = ds.subset_rows(args.index)
+            check_index_dataset(args.index, ds, ds.keys[rows])
+        labels = labels[np.sort(rows)]
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
-    print(f"dataset      {os.path.abspath(args.rec)} ({index.layout} layout)")
+    print(f"dataset      {os.path.abspath(args.rec)} ({ds.layout} layout)")
     if args.index:
         print(f"index        {args.index}")
     print(f"num_image    {len(labels)}")
-    print(f"num_classes  {index.num_classes}   (identities with faces: {len(sizes)})")
+    print(f"num_classes  {ds.num_classes}   (identities with faces: {len(sizes)})")
     print(f"faces/id     mean {sizes.mean():.2f}  median {int(np.median(sizes))}  max {sizes.max()}  "
           f"single-face identities {int((sizes == 1).sum())}")
 
 
 def cmd_proxy_subset(args):
+    from .datasets import open_dataset
     from .proxy_subset import write_proxy_subset
-    from .recordio_index import read_index
     guards.check_proxy_subset(args)
-    index = read_index(args.rec)
+    ds = open_dataset(args.rec)
     with guards.writing(f"--out {args.out} or its summary"):
-        rows = write_proxy_subset(args.out, args.rec, index, args.ratio, args.seed)
-    print(f"wrote {args.out}: {len(rows)} of {len(index)} faces ({len(rows) / len(index):.1%}), "
-          f"{len(np.unique(index.labels[rows]))} identities, seed {args.seed}; summary "
+        rows = write_proxy_subset(args.out, ds, args.ratio, args.seed)
+    print(f"wrote {args.out}: {len(rows)} of {len(ds)} faces ({len(rows) / len(ds):.1%}), "
+          f"{len(np.unique(ds.labels[rows]))} identities, seed {args.seed}; summary "
           f"{os.path.splitext(args.out)[0]}.json")
 
 
@@ -124,13 +128,14 @@ def default_workers(cap=16):
 
 
 def cmd_select(args):
+    from .datasets import open_dataset
     from .features import load_features
     from .gallery import selection_writer
-    from .recordio_index import image_records
     from .report import write_selection
     from .select import run_method
     centers = guards.check_select(args)
-    feats, labels, keys, meta = load_features(args.features, args.rec)
+    ds = open_dataset(args.rec)
+    feats, labels, keys, meta = load_features(args.features, ds)
     kw = dict(seed=args.seed)
     if args.method != "random":
         kw.update(device=args.device, chunk_rows=args.chunk_rows, centers=centers,
@@ -149,14 +154,14 @@ def cmd_select(args):
         raise
     for line in sel.warnings:
         print(f"face_nms select: warning: {line}", file=sys.stderr)
-    # load_features checked that the rows are these image records, in this order
-    _, rec_keys, rec_offsets = image_records(args.rec)
-    page = selection_writer(args.rec, feats, labels, rec_keys, rec_offsets, sel, args.out, ids=args.gallery_ids,
+    # load_features checked that the rows are these face records, in this order
+    page = selection_writer(ds, feats, labels, ds.keys, None, sel, args.out, ids=args.gallery_ids,
                             seed=args.seed, centers=centers,
                             log=lambda line: print(f"face_nms select: {line}", file=sys.stderr))
     with guards.writing(f"--out {args.out} or the summary, plots and page beside it"):
-        info = write_selection(args.out, rec_keys[sel.keep], rec_offsets[sel.keep], sel, labels,
-                               dataset=meta.get("provenance", {}).get("dataset"), page=page)
+        info = write_selection(args.out, ds.keys[sel.keep], None, sel, labels,
+                               dataset=meta.get("provenance", {}).get("dataset"), page=page,
+                               write=lambda path: ds.write_subset(path, sel.keep))
     thr = f"threshold {sel.threshold:.4f}, " if sel.threshold is not None else ""
     print(f"wrote {args.out}: {thr}kept {sel.kept} of {sel.total} faces ({sel.fraction:.2%}) "
           f"[{args.method}, {sel.order}]; summary {os.path.splitext(args.out)[0]}.json, page "
@@ -173,10 +178,11 @@ def cmd_gallery(args):
 
 def cmd_conflicts(args):
     from .conflicts import find_conflicts, write_conflicts
+    from .datasets import open_dataset
     from .features import load_features
-    from .recordio_index import image_records
     centers = guards.check_conflicts(args)
-    feats, labels, keys, meta = load_features(args.features, args.rec)
+    ds = open_dataset(args.rec)
+    feats, labels, keys, meta = load_features(args.features, ds)
     if centers is not None and (centers.shape[1] != feats.shape[1] or len(centers) <= labels.max()):
         raise ValueError(f"--centers {args.centers} has shape {centers.shape}; these features need num_classes x "
                          f"{feats.shape[1]} with num_classes > {int(labels.max())}: give the centers of this dataset")
@@ -184,17 +190,17 @@ def cmd_conflicts(args):
                          method=args.method, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed,
                          chunk_rows=args.chunk_rows, progress=True,
                          log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr))
-    _, _, rec_offsets = image_records(args.rec)  # load_features checked: one image record per row, in order
 
     def page(path, info, pairs, faces):
         from .conflicts_page import conflicts_page
         with open(path, "w", encoding="utf-8") as f:
             f.write(conflicts_page(f"Identity conflicts: {os.path.basename(args.out)}", info, pairs, faces,
-                                   res.face_rows, labels, keys, rec_offsets, args.rec, rows=args.page_rows,
+                                   res.face_rows, labels, keys, ds, rows=args.page_rows,
                                    log=lambda line: print(f"face_nms conflicts: {line}", file=sys.stderr)))
     with guards.writing(f"--out {args.out} or the tables and page beside it" +
                         (f", or --drop {args.drop} or its summary" if args.drop else "")):
-        info = write_conflicts(args.out, res, labels, keys, rec_offsets, drop=args.drop, drop_mode=args.drop_mode,
+        # load_features checked: one face record of ds per row, in order
+        info = write_conflicts(args.out, res, labels, keys, ds, drop=args.drop, drop_mode=args.drop_mode,
                                extra={"features": os.path.abspath(args.features), "centers": args.centers or "mean "
                                       "features", "dataset": meta.get("provenance", {}).get("dataset")}, page=page)
     for line in info["warnings"]:
@@ -243,23 +249,23 @@ def cmd_demo(args):
 
 def main(argv=None):
     p = _Parser(prog="python -m plugins.face_nms", description=__doc__.splitlines()[0] +
-                  ": Face-NMS core-set selection for arcface_torch RecordIO datasets.")
+                  ": Face-NMS core-set selection for arcface_torch datasets (RecordIO or image folders).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("stats", help="count faces and identities of a RecordIO folder (or of a filtered index)")
-    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
-    s.add_argument("--index", help="a filtered .idx of that folder")
+    s = sub.add_parser("stats", help="count faces and identities of a dataset, RecordIO or image folder (or of a filtered set)")
+    s.add_argument("--rec", required=True, help=REC_HELP)
+    s.add_argument("--index", help="a filtered set of that dataset (.idx, or .txt for an image folder)")
     s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("proxy-subset", help="per-identity random sample for training the proxy model")
-    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--rec", required=True, help=REC_HELP)
     s.add_argument("--ratio", type=guards.ratio, required=True, help="fraction of each identity's faces (>= 1 kept)")
     s.add_argument("--seed", type=guards.seed, default=0)
-    s.add_argument("--out", required=True, help="filtered .idx to write")
+    s.add_argument("--out", required=True, help="filtered set to write (.idx; .txt of image paths for an image folder)")
     s.set_defaults(func=cmd_proxy_subset)
 
     s = sub.add_parser("extract", help="proxy-model features of every image record (resumable, torchrun-able)")
-    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--rec", required=True, help=REC_HELP)
     s.add_argument("--out", required=True, help="output folder (features.npy, labels.npy, keys.npy, meta.json): "
                    "new, empty, or an extraction of the same dataset, model and flip to resume")
     s.add_argument("--overwrite", action="store_true",
@@ -283,7 +289,7 @@ def main(argv=None):
 
     s = sub.add_parser("select", help="Face-NMS selection, written as a filtered .idx + summary + plots")
     s.add_argument("--features", required=True, help="folder written by extract")
-    s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
+    s.add_argument("--rec", required=True, help="the dataset (RecordIO or image folder) the features were extracted from")
     s.add_argument("--ratio", type=guards.ratio, help="kept fraction wanted (the threshold is searched)")
     s.add_argument("--threshold", type=guards.threshold, help="NMS cosine threshold, in [-1, 1]")
     s.add_argument("--method", default="nms", choices=["nms", "random", "global", "local"],
@@ -296,15 +302,15 @@ def main(argv=None):
     s.add_argument("--tmp-dir", help="where features larger than memory are regrouped, through temporary files "
                                      "deleted as they are made (default: the folder of --out; the free space is "
                                      "checked first, else the features are read in several passes)")
-    s.add_argument("--out", required=True, help="filtered .idx to write (e.g. <rec>/../train_facenms60.idx)")
+    s.add_argument("--out", required=True, help="filtered set to write: .idx (e.g. <rec>/../train_facenms60.idx), for an image folder a .txt of image paths")
     s.add_argument("--gallery-ids", type=guards.non_negative, default=24,
                    help="identities shown on the page <out stem>.html (0: numbers and plots only)")
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("gallery", help="HTML page of what a filtered index keeps and drops (faces from train.rec)")
-    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
+    s.add_argument("--rec", required=True, help=REC_HELP)
     s.add_argument("--features", required=True, help="folder written by extract for that dataset")
-    s.add_argument("--index", required=True, help="a filtered .idx of that dataset (select, proxy-subset, ...)")
+    s.add_argument("--index", required=True, help="a filtered set of that dataset, .idx or .txt (select, proxy-subset, ...)")
     s.add_argument("--gallery-ids", type=guards.non_negative, default=24, help="identities shown (0: none)")
     s.add_argument("--seed", type=guards.seed, default=0, help="seed of the histogram's identity sample")
     s.add_argument("--out", required=True, help=".html page to write")
@@ -313,12 +319,12 @@ def main(argv=None):
     s = sub.add_parser("conflicts", help="identities whose centers are too near (one person under two labels), as "
                                          "JSON + CSV, optionally a filtered .idx without them")
     s.add_argument("--features", required=True, help="folder written by extract")
-    s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
+    s.add_argument("--rec", required=True, help="the dataset (RecordIO or image folder) the features were extracted from")
     s.add_argument("--out", required=True, help="summary .json; <stem>_pairs.csv and <stem>_faces.csv go beside it")
     s.add_argument("--threshold", type=guards.threshold, help="center cosine T in [-1, 1] above which two identities "
                    "conflict (default: median + 6 robust standard deviations of the nearest-other-center cosine)")
     s.add_argument("--centers", help=".npy of num_classes x d identity centers (e.g. PartialFC weights)")
-    s.add_argument("--drop", help="also write this filtered .idx without the conflicting records")
+    s.add_argument("--drop", help="also write this filtered set (.idx, or .txt for an image folder) without the conflicting records")
     s.add_argument("--drop-mode", default="identity", choices=["identity", "faces"],
                    help="identity: the smaller identity of each pair; faces: the faces nearer another center")
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (GPU: exact search)")
@@ -336,7 +342,7 @@ def main(argv=None):
 
     s = sub.add_parser("overlap", help="training identities that also appear in evaluation .bin files (LFW, ...)")
     s.add_argument("--features", required=True, help="folder written by extract")
-    s.add_argument("--rec", required=True, help="the RecordIO folder the features were extracted from")
+    s.add_argument("--rec", required=True, help="the dataset (RecordIO or image folder) the features were extracted from")
     s.add_argument("--bin", required=True, action="append", help="evaluation .bin (repeat: lfw.bin, cfp_fp.bin, ...)")
     s.add_argument("--checkpoint", help="the arcface_torch model.pt the features were extracted with (with --network)")
     s.add_argument("--network", help="arcface_torch network name of the checkpoint")
@@ -345,7 +351,7 @@ def main(argv=None):
     s.add_argument("--threshold", type=guards.threshold,
                    help="cosine to an identity center that counts as a match, in [-1, 1] (default: the equal-error "
                         "point of the training set's own genuine and impostor cosines, reported)")
-    s.add_argument("--exclude", help="also write this filtered .idx: the training set without those identities")
+    s.add_argument("--exclude", help="also write this filtered set (.idx, or .txt for an image folder): the training set without those identities")
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (model and search)")
     s.add_argument("--batch-size", type=guards.positive, default=256)
     s.add_argument("--out", required=True, help="overlap report to write (.json); its page <stem>.html goes beside it")

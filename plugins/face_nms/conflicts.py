@@ -227,8 +227,9 @@ def dropped_rows(res, labels, mode):
 def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="identity", extra=None, page=None):
     """Writes the JSON summary, ``<stem>_pairs.csv``, ``<stem>_faces.csv``, with ``page`` the page
     ``<stem>.html`` (``page(path, info, pairs, faces)``, :mod:`.conflicts_page`) and, with ``drop``,
-    a filtered .idx without the dropped records (``keys``/``offsets``: the image records, one per
-    feature row), as one set. Returns the summary."""
+    a filtered set without the dropped records (``keys``/``offsets``: the image records, one per
+    feature row; ``offsets`` may be the :mod:`.datasets` object, which writes its own kind of set), as
+    one set. Returns the summary."""
     import csv
     import json
     import os
@@ -277,7 +278,10 @@ def write_conflicts(out, res, labels, keys, offsets, *, drop=None, drop_mode="id
         tmp_json, tmp_pairs, tmp_faces = tmps[:3]
         tmp_drop, tmp_drop_summary = tmps[len(tables):] if drop else (None, None)
         if drop:
-            write_idx(tmp_drop, keys[keep], np.asarray(offsets)[keep])
+            if hasattr(offsets, "write_subset"):
+                offsets.write_subset(tmp_drop, keep)
+            else:
+                write_idx(tmp_drop, keys[keep], np.asarray(offsets)[keep])
             info["drop"] = {"index": drop, "mode": drop_mode, "dropped_faces": int(len(gone)),
                             "kept_faces": int(len(keep)),
                             "dropped_identities": int(len(np.setdiff1d(labels[gone], labels[keep])))}

@@ -15,10 +15,10 @@ PAGE_ROWS = 200
 FLAGGED_SIDE = 4  # faces of each identity beside a flagged face (three images of 64 px fit a row)
 
 
-def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, rec_dir, rows=PAGE_ROWS, log=None):
+def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, dataset, rows=PAGE_ROWS, log=None):
     """The page's HTML. ``pairs``/``faces``: the rows of ``_pairs.csv``/``_faces.csv`` (dicts);
-    ``face_rows``: the feature row of each flagged face; ``labels``/``keys``/``offsets``: one per
-    feature row (the image records of ``rec_dir``, train.idx order); ``rows``: rows shown per table.
+    ``face_rows``: the feature row of each flagged face; ``labels``/``keys``: one per
+    feature row (the face records of ``dataset``, a path or a :mod:`.datasets` object, in its order); ``rows``: rows shown per table.
     A record that cannot be decoded costs the faces only: the page holds the tables and says why,
     and ``log`` is told."""
     labels = np.asarray(labels, np.int64)
@@ -33,7 +33,7 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, offsets, 
     # the flagged face's own side shows other faces of its identity: one more in reserve
     need += [spread(groups[f["label"]], FACES_PER_IDENTITY + 1) for f, _ in shown_faces]
     try:
-        thumbs = record_thumbnails(rec_dir, keys, offsets, np.concatenate(need) if need else [])
+        thumbs = record_thumbnails(dataset, np.concatenate(need) if need else [])
         reason = None
     except (ValueError, OSError) as exc:
         from .guards import describe

@@ -1,4 +1,5 @@
 """Decoding of face records: the bytes of a record to the RGB 112x112 uint8 image every command uses."""
+import os
 import struct
 
 import numpy as np
@@ -43,3 +44,40 @@ class RecordImages(Dataset):
         off = int(self.offsets[i])
         key = int(self.keys[i]) if self.keys is not None else None
         return torch.from_numpy(decode_record(read_record(self._f, off, self.rec_path, key), self.rec_path, off, key))
+
+
+def decode_image_file(path):
+    """RGB uint8 112x112x3 image of one file, opened as the host's ImageFolder opens it (torchvision's
+    default_loader: PIL, converted to RGB). The host's ImageFolder transform does not resize, so an image
+    of another size would not train as it is: it is refused, naming the file."""
+    from PIL import Image
+    from .folder_dataset import FolderError
+    try:
+        with open(path, "rb") as f:
+            im = Image.open(f)
+            im = im.convert("RGB")
+    except OSError as exc:
+        from PIL import UnidentifiedImageError
+        if isinstance(exc, UnidentifiedImageError):
+            why = "PIL cannot identify it as an image"
+        else:
+            why = exc.strerror or str(exc) or type(exc).__name__
+        raise FolderError(f"image {path} cannot be decoded ({why}); fix or remove it") from None
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise FolderError(f"image {path} is {im.size[0]}x{im.size[1]}, not {IMAGE_SIZE}x{IMAGE_SIZE}: the host's "
+                          f"ImageFolder pipeline does not resize, so it would not train; resize the folder's images "
+                          f"to {IMAGE_SIZE}x{IMAGE_SIZE} (aligned faces)")
+    return np.asarray(im, np.uint8).copy()
+
+
+class FolderImages(Dataset):
+    """Decoded images of files given relative to ``root``."""
+
+    def __init__(self, root, files):
+        self.root, self.files = root, files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(decode_image_file(os.path.join(self.root, self.files[i])))

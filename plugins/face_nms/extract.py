@@ -1,8 +1,9 @@
-"""Features of every image record of a RecordIO folder, computed with a proxy model.
+"""Features of every face record of a dataset (a RecordIO folder or an image folder), computed with a proxy model.
 
 Output folder:
 
-* ``features.npy``: N x d float16, L2-normalised, one row per image record in train.idx order
+* ``features.npy``: N x d float16, L2-normalised, one row per face record in the dataset's order (train.idx
+  order; for an image folder, torchvision's ImageFolder order, the key being the row)
   (memory-map it with ``np.load(path, mmap_mode="r")``);
 * ``keys.npy`` and ``labels.npy``: the record key and identity label of each row;
 * ``meta.json``: model, dataset, count, dimension, flip, and ``provenance``: what the rows were
@@ -31,14 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .datasets import open_dataset
 from .files import atomic_output
-from .decode import RecordImages
 from .features import META_KEYS
 from .locks import FolderLock
 from .model_check import check_first_batch
 from .models import Ready, first_line
-from .provenance import dataset_provenance, differences, model_provenance, provenance_differences
-from .recordio_index import RecordIOError, read_index, rec_paths
+from .provenance import differences, model_provenance, provenance_differences
+from .recordio_index import RecordIOError
 
 OWN = ("features.npy", "features.npy.partial", "keys.npy", "labels.npy", "meta.json", "run.json")
 PROGRESS, LOCK = "progress", ".extract.lock"
@@ -57,14 +58,20 @@ def _atomic_npy(path, array):
         np.save(tmp, array)
 
 
-class _LoaderImages(RecordImages):
-    """RecordImages whose errors travel back as values: a DataLoader worker would re-raise them with
+class _LoaderImages:
+    """A dataset's images whose errors travel back as values: a DataLoader worker would re-raise them with
     its traceback folded into the message."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
 
     def __getitem__(self, i):
         try:
-            return super().__getitem__(i)
-        except (RecordIOError, OSError) as exc:
+            return self.images[i]
+        except (ValueError, OSError) as exc:
             return RecordIOError(str(exc))
 
 
@@ -151,7 +158,7 @@ def _remove_ours(out_dir, everything):
             shutil.rmtree(path)
 
 
-def _prepare(rec_dir, out_dir, model, flip, run, overwrite, log=None):
+def _prepare(ds, out_dir, model, flip, run, overwrite, log=None):
     """Rank 0's checks and set-up under the folder's lock; returns (lock, finished, index)."""
     _check_ours(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -162,13 +169,13 @@ def _prepare(rec_dir, out_dir, model, flip, run, overwrite, log=None):
         final, meta_path, run_path = (os.path.join(out_dir, n) for n in ("features.npy", "meta.json", "run.json"))
         again = "give another --out, or add --overwrite to replace it"
         if os.path.exists(final) and os.path.exists(meta_path):
-            diff = provenance_differences(_read_json(meta_path).get("provenance"), run["provenance"], rec_dir, log)
+            diff = provenance_differences(_read_json(meta_path).get("provenance"), run["provenance"], ds.path, log)
             if diff:
                 raise ValueError(f"{out_dir} holds a finished extraction of other inputs: {'; '.join(diff)}; {again}")
             return lock, True, None
         if os.path.exists(run_path):
             previous = _read_json(run_path)
-            diff = provenance_differences(previous.get("provenance"), run["provenance"], rec_dir, log) or \
+            diff = provenance_differences(previous.get("provenance"), run["provenance"], ds.path, log) or \
                 differences({k: v for k, v in previous.items() if k != "provenance"},
                              {k: v for k, v in run.items() if k != "provenance"})
             if diff:
@@ -177,16 +184,14 @@ def _prepare(rec_dir, out_dir, model, flip, run, overwrite, log=None):
         else:
             _remove_ours(out_dir, True)  # pieces of a run that never recorded itself
             _atomic_json(run_path, run)
-        index = read_index(rec_dir)
-        _atomic_npy(os.path.join(out_dir, "keys.npy"), index.keys)
-        _atomic_npy(os.path.join(out_dir, "labels.npy"), index.labels.astype(np.int64))
+        _atomic_npy(os.path.join(out_dir, "keys.npy"), ds.keys)
+        _atomic_npy(os.path.join(out_dir, "labels.npy"), ds.labels.astype(np.int64))
         partial = final + ".partial"
         if not os.path.exists(partial):
-            rec, _ = rec_paths(rec_dir)
-            probe = model(RecordImages(rec, index.offsets[:1], index.keys[:1])[0][None], flip)
+            probe = model(ds.images([0])[0][None], flip)
             with atomic_output(partial) as tmp:
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(index), probe.shape[1])).flush()
-        return lock, False, index
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(ds), probe.shape[1])).flush()
+        return lock, False, ds
     except BaseException:
         lock.release()
         raise
@@ -207,9 +212,10 @@ def _share(outcome):
 
 def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip=False, chunk_rows=1 << 15,
                      max_chunks=None, progress=True, dataset_name=None, overwrite=False, log=None):
-    """Extracts features of every image record of ``rec_dir`` into ``out_dir`` (resumable).
+    """Extracts features of every face record of ``rec_dir`` into ``out_dir`` (resumable).
 
     Args:
+        rec_dir: a RecordIO folder or an image folder (or a :mod:`.datasets` object).
         model: a TorchModel, OnnxModel, or callable ``(uint8 images BxHxWx3 RGB, flip) -> B x d``.
         flip: flip test-time augmentation: feature(image) + feature(mirrored image).
         chunk_rows: rows per resumable unit; batches never cross a chunk.
@@ -220,17 +226,18 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
     Returns the output folder when every chunk is done, else None.
     """
     rank, world = _dist()
-    rec, _ = rec_paths(rec_dir)
+    ds = open_dataset(rec_dir, progress=progress and rank == 0)
+    rec_dir = ds.path
     if batch_size < 1 or chunk_rows < batch_size:
         raise ValueError(f"need 1 <= batch_size <= chunk_rows, got batch_size={batch_size}, chunk_rows={chunk_rows}")
     out_dir = str(out_dir)
     lock = index = run = None
     if rank == 0:
         try:
-            run = {"provenance": {"dataset": dataset_provenance(rec_dir), "model": model_provenance(model),
+            run = {"provenance": {"dataset": ds.provenance(), "model": model_provenance(model),
                                   "flip": bool(flip)},
                    "chunk_rows": int(chunk_rows), "batch_size": int(batch_size)}
-            lock, finished, index = _prepare(rec_dir, out_dir, model, flip, run, overwrite, log)
+            lock, finished, index = _prepare(ds, out_dir, model, flip, run, overwrite, log)
             outcome = finished
         except Exception as exc:
             outcome = exc
@@ -242,7 +249,7 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
             if log and rank == 0:
                 log(f"{out_dir} already holds these features (same dataset, model and flip); nothing to do")
             return out_dir
-        return _extract(rec_dir, out_dir, model, index, run, batch_size=batch_size,
+        return _extract(ds, out_dir, model, run, batch_size=batch_size,
                         workers=workers, flip=flip, chunk_rows=chunk_rows, max_chunks=max_chunks,
                         progress=progress, dataset_name=dataset_name, log=log)
     finally:
@@ -250,13 +257,12 @@ def extract_features(rec_dir, out_dir, model, *, batch_size=256, workers=4, flip
             lock.release()
 
 
-def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, chunk_rows, max_chunks, progress,
+def _extract(ds, out_dir, model, run, *, batch_size, workers, flip, chunk_rows, max_chunks, progress,
              dataset_name, log):
     rank, world = _dist()
-    rec, _ = rec_paths(rec_dir)
+    rec_dir = ds.path
     final = os.path.join(out_dir, "features.npy")
-    index = read_index(rec_dir) if index is None else index
-    n = len(index)
+    n = len(ds)
     feats = np.load(final + ".partial", mmap_mode="r+")
     progress_dir = os.path.join(out_dir, PROGRESS)
     os.makedirs(progress_dir, exist_ok=True)
@@ -266,7 +272,7 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     if max_chunks is not None:
         todo = todo[:max_chunks]
     rows_todo = sum(min(chunk_rows, n - c * chunk_rows) for c in todo)
-    loader = DataLoader(_LoaderImages(rec, index.offsets, index.keys), num_workers=workers, collate_fn=_stack,
+    loader = DataLoader(_LoaderImages(ds.images()), num_workers=workers, collate_fn=_stack,
                         batch_sampler=list(_chunk_batches(todo, chunk_rows, n, batch_size)),
                         pin_memory=getattr(model, "device", torch.device("cpu")).type == "cuda",
                         persistent_workers=False,
@@ -288,10 +294,10 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     def store(out, s, b, handle, images=None):
         f = handle.result()
         if images is not None:  # the first batch of the run: a model whose features carry nothing stops here
-            check_first_batch(f, images, getattr(model, "name", type(model).__name__), rec, b)
+            check_first_batch(f, images, getattr(model, "name", type(model).__name__), rec_dir, b)
         if not np.all(np.isfinite(f)):
             raise FloatingPointError(f"the model gave non-finite features for records {b}..{b + len(f) - 1} "
-                                     f"of {rec}; check the checkpoint")
+                                     f"of {rec_dir}; check the checkpoint")
         out[b - s:b - s + len(f)] = f
         if bar is not None:
             bar.update(len(f) * world)
@@ -341,9 +347,9 @@ def _extract(rec_dir, out_dir, model, index, run, *, batch_size, workers, flip, 
     # meta.json first: a kill before the rename leaves an unfinished extraction whose chunks are all done
     _atomic_json(os.path.join(out_dir, "meta.json"), {
         "model": model.name, "dataset": os.path.abspath(rec_dir), "dataset_name": dataset_name or
-        os.path.basename(os.path.abspath(rec_dir)), "layout": index.layout, "count": n,
+        os.path.basename(os.path.abspath(rec_dir)), "layout": ds.layout, "count": n,
         "dimension": int(feats.shape[1]), "flip": bool(flip), "dtype": "float16",
-        "num_classes": index.num_classes, "last_run_seconds": round(elapsed, 3), "provenance": run["provenance"]})
+        "num_classes": ds.num_classes, "last_run_seconds": round(elapsed, 3), "provenance": run["provenance"]})
     del feats
     os.replace(final + ".partial", final)
     shutil.rmtree(progress_dir)

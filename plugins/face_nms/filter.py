@@ -1,17 +1,20 @@
-"""Dataset filters: train the host's MXFaceDataset on the records of a filtered index.
+"""Dataset filters: train the host's dataset on the records of a filtered set.
 
     config.dataset_filter = "face_nms"
     config.face_nms = dict(index="/train_tmp/WebFace42M/train_facenms60.idx")
+    config.face_nms = dict(index="/train_tmp/WebFace42M_folder_facenms60.txt")   # an image folder
 
-The dataset's index list (``imgidx``) is replaced by the kept record keys; the class itself
-is unchanged. ``cfg.num_image`` follows the filtered size and, with ``cfg.dali``, the DALI
-reader reads the same index file (``cfg.train_idx``).
+For a RecordIO ``config.rec`` the MXFaceDataset's index list (``imgidx``) is replaced by the kept
+record keys and, with ``cfg.dali``, the DALI reader reads the same index file (``cfg.train_idx``);
+for an image folder the ImageFolder's ``samples``, ``targets`` and ``imgs`` are reduced to the
+listed files (:func:`.folder_dataset.restrict_image_folder`). The classes themselves are unchanged
+and ``cfg.num_image`` follows the filtered size.
 
     config.face_nms = dict(index=[".../train_facenms60.idx", ".../train_noconflicts.idx",
                                   ".../train_no_overlap.idx"])   # the records in every one
 
 trains on the intersection of several decisions (:mod:`.combine`), written once to
-``cfg.output``/train_combined.idx with its summary (the indexes, what each removed) for DALI.
+``cfg.output``/train_combined.idx (.txt for a folder) with its summary (the indexes, what each removed) for DALI.
 
     config.dataset_filter = "random"
     config.face_nms = dict(index=".../train_facenms60.idx", seed=0)   # same per-identity counts
@@ -32,9 +35,10 @@ import os
 import numpy as np
 
 from ..registry import register_dataset_filter
+from .datasets import open_dataset
 from .files import left_of_family, not_regular, output_set, reading_set
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
-from .recordio_index import RecordIOError, load_filtered_index, read_idx, read_index, rec_paths, record_labels, write_idx
+from .recordio_index import RecordIOError
 from .summaries import read_summary
 
 
@@ -46,13 +50,11 @@ def _options(cfg):
     return opts
 
 
-def _restrict(cfg, dataset, keys, index_path):
-    if not hasattr(dataset, "imgidx"):
-        raise TypeError(f"config.dataset_filter = {cfg.dataset_filter!r} filters an MXNet RecordIO dataset "
-                        f"(train.rec + train.idx in config.rec = {cfg.rec!r}); got {type(dataset).__name__}")
-    dataset.imgidx = np.asarray(keys, dtype=np.int64)
-    cfg.train_idx = index_path
-    return dataset
+def _restrict(cfg, dataset, ds, rows, index_path):
+    try:
+        return ds.restrict(dataset, rows, cfg, index_path)
+    except TypeError as exc:
+        raise TypeError(f"config.dataset_filter = {cfg.dataset_filter!r} (config.rec = {cfg.rec!r}): {exc}") from None
 
 
 def _summary(index):
@@ -61,9 +63,12 @@ def _summary(index):
 
 
 def check_index_dataset(index, rec_dir, keys, require=False):
-    """Refuses a filtered index whose summary says it was selected from another dataset than ``rec_dir``;
-    with ``require``, also an index without a summary (nothing to check it against)."""
+    """Refuses a filtered set whose summary says it was selected from another dataset than ``rec_dir`` (a
+    path or a :mod:`.datasets` object); ``keys``: the dataset keys of the records it lists. With
+    ``require``, also a set without a summary (nothing to check it against)."""
     from .provenance import dataset_differences, note
+    ds = open_dataset(rec_dir)
+    rec_dir = ds.path
     path, info = _summary(index)
     if info is None:
         if require:
@@ -76,13 +81,13 @@ def check_index_dataset(index, rec_dir, keys, require=False):
     if isinstance(info.get("dataset"), dict):
         recorded = dict(info["dataset"])
         sample = recorded.pop("label_sample", None)
-        diff, informs = dataset_differences(recorded, rec_dir)
+        diff, informs = dataset_differences(recorded, rec_dir, ds.provenance())
         if diff:
             raise RecordIOError(f"{other} ({path}: {'; '.join(diff)}); select again from features of this dataset")
         if informs:
             note(informs, rec_dir)
         if isinstance(sample, dict):
-            _check_label_sample(index, rec_dir, sample, other, path)
+            _check_label_sample(index, ds, keys, sample, other, path)
         return
     if not {"total", "kept", "kept_per_identity_histogram"} <= set(info):
         if require:
@@ -91,32 +96,30 @@ def check_index_dataset(index, rec_dir, keys, require=False):
                                 f"face_nms command, or set config.face_nms = dict(index=..., trust_index=True)")
         return
     from .report import kept_histogram
-    full = read_index(rec_dir)
-    hist = {str(v): c for v, c in kept_histogram(full.labels, np.isin(full.keys, keys)).items()}
+    hist = {str(v): c for v, c in kept_histogram(ds.labels, np.isin(ds.keys, keys)).items()}
     recorded = {str(int(k)): v for k, v in info["kept_per_identity_histogram"].items()}
-    if info["total"] != len(full) or info["kept"] != len(keys) or hist != recorded:
+    if info["total"] != len(ds) or info["kept"] != len(keys) or hist != recorded:
         raise RecordIOError(f"{other}: its labels differ ({path} reports {info['total']} faces, {info['kept']} kept, "
-                            f"per-identity kept counts {_short(recorded, hist)}; {rec_dir} gives {len(full)} faces, "
+                            f"per-identity kept counts {_short(recorded, hist)}; {rec_dir} gives {len(ds)} faces, "
                             f"{len(keys)} kept, {_short(hist, recorded)}); select again from features of this dataset")
 
 
-def _check_label_sample(index, rec_dir, sample, other, path):
+def _check_label_sample(index, ds, keys, sample, other, path):
+    """The labels recorded for a sample of kept records, compared with the dataset's labels read now; ``keys``:
+    the dataset keys the filtered set lists (checked to belong to ``ds``)."""
     from .provenance import exact
-    rec, _ = rec_paths(rec_dir)
-    idx_keys, idx_offsets = read_idx(index)
-    want_keys = np.asarray(sample["keys"], np.int64)
-    want = sample["labels"]
-    order = np.argsort(idx_keys, kind="stable")
-    pos = np.minimum(np.searchsorted(idx_keys, want_keys, sorter=order), max(len(idx_keys) - 1, 0))
-    if not len(idx_keys) or not np.array_equal(idx_keys[order[pos]], want_keys):
+    want_keys = np.asarray(sample.get("keys", []), np.int64)
+    want = list(sample.get("labels", []))
+    if len(want_keys) != len(want) or not np.all(np.isin(want_keys, keys)):
         raise RecordIOError(f"{other}: {path} lists sampled keys that {index} does not; select again")
-    now = record_labels(rec, want_keys, idx_offsets[order[pos]]).tolist()
+    order = np.argsort(ds.keys, kind="stable")
+    now = ds.read_labels(order[np.searchsorted(ds.keys, want_keys, sorter=order)]).tolist()
     wrong = [i for i, (a, b) in enumerate(zip(want, now)) if a != b]
     if wrong:
         k = wrong[0]
         raise RecordIOError(f"{other}: its labels differ ({len(wrong)} of {len(want)} sampled records; key "
-                            f"{int(want_keys[k])}: {exact(want[k])} in {path}, {exact(now[k])} in {rec}); select again "
-                            f"from features of this dataset")
+                            f"{int(want_keys[k])}: {exact(want[k])} in {path}, {exact(now[k])} in {ds.path}); select "
+                            f"again from features of this dataset")
 
 
 def _short(hist, other=None, k=4):
@@ -140,18 +143,19 @@ def face_nms_filter(cfg, dataset):
     if not index or not isinstance(index, (str, os.PathLike)):
         raise ValueError(f"config.face_nms needs index='path/to/filtered.idx' (written by `python -m "
                          f"plugins.face_nms select`) or a list of them, got {index!r}")
+    ds = open_dataset(cfg.rec)
     with reading_set(index):  # the index and its summary, of one set
-        keys = load_filtered_index(index, cfg.rec)
-        check_index_dataset(index, cfg.rec, keys, require=not trust)
-    return _restrict(cfg, dataset, keys, index)
+        rows = ds.subset_rows(index)
+        check_index_dataset(index, ds, ds.keys[rows], require=not trust)
+    return _restrict(cfg, dataset, ds, rows, index)
 
 
-COMBINED = "train_combined.idx"
+COMBINED = "train_combined"  # + .idx, or .txt for an image folder
 
 
 def _combined(cfg, dataset, paths, trust=False):
     """The records in every index of ``paths``, written once (rank 0) to ``cfg.output``/train_combined.idx
-    with its summary, for DALI's reader (``cfg.train_idx``)."""
+    (.txt for a folder) with its summary, for DALI's reader (``cfg.train_idx``)."""
     from .combine import combine_indexes, combined_outputs, write_combined_set
     bad = [p for p in paths if not p or not isinstance(p, (str, os.PathLike))]
     if not paths or bad:
@@ -159,24 +163,25 @@ def _combined(cfg, dataset, paths, trust=False):
     twice = next((p for i, p in enumerate(paths) if any(_same(p, q) for q in paths[:i])), None)
     if twice is not None:
         raise ValueError(f"config.face_nms['index'] lists {twice} twice; list each filtered index once")
+    ds = open_dataset(cfg.rec)
     out_dir = cfg.get("output", None) or "."
-    out = os.path.join(out_dir, COMBINED)
+    out = os.path.join(out_dir, COMBINED + ds.subset_ext)
     written = combined_outputs(out)
-    clash = next((p for p in paths for w in written + [os.path.join(cfg.rec, "train.idx")] if _same(p, w) or
+    clash = next((p for p in paths for w in written if _same(p, w) or
                   _same(os.path.splitext(p)[0] + ".json", w)), None)
     if clash is not None:
         raise ValueError(f"config.face_nms['index'] lists {clash}, which the combined index {out} (or its summary) "
                          f"would replace; move it out of config.output or give a different config.output")
-    keys, offsets, summary = combine_indexes(cfg.rec, paths, require=not trust)
+    rows, summary = combine_indexes(ds, paths, require=not trust)
     if _rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         what = next((f"{p} is {w}" for p in written for w in [not_regular(p)] if w), None)
         if what:
             raise ValueError(f"{what}, not a regular file, where the face_nms filter writes the combined index "
                              f"(config.output); remove it or set another config.output")
-        write_combined_set(out, keys, offsets, summary)
+        write_combined_set(out, ds, rows, summary)
     _barrier()
-    return _restrict(cfg, dataset, keys, out)
+    return _restrict(cfg, dataset, ds, rows, out)
 
 
 def _same(a, b):
@@ -200,11 +205,11 @@ def random_filter(cfg, dataset):
     """A random per-identity sample: the counts of ``index`` per identity, or ``ratio``."""
     opts = _options(cfg)
     seed = int(opts.get("seed", 0))
-    full = read_index(cfg.rec)
+    full = open_dataset(cfg.rec)
     if opts.get("index"):
         with reading_set(opts["index"]):
-            kept = load_filtered_index(opts["index"], cfg.rec)
-        quota = np.bincount(full.labels[np.isin(full.keys, kept)], minlength=full.num_classes)
+            kept = full.subset_rows(opts["index"])
+        quota = np.bincount(full.labels[kept], minlength=full.num_classes)
         rows = random_subset(full.labels, seed=seed, quota=quota)
     elif opts.get("ratio") is not None:
         check_ratio(opts["ratio"])
@@ -215,15 +220,15 @@ def random_filter(cfg, dataset):
                          "or ratio=")
     out_dir = cfg.get("output", None) or "."
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"train_random_seed{seed}.idx")
-    order = np.argsort(full.keys[rows], kind="stable")
+    path = os.path.join(out_dir, f"train_random_seed{seed}{full.subset_ext}")
+    rows = rows[np.argsort(full.keys[rows], kind="stable")]
     what = not_regular(path)
     if what:
         raise ValueError(f"{path}, where the random filter writes its index (config.output), is {what}, not a regular "
                          f"file; remove it or set another config.output")
     with output_set([path], remove=left_of_family(path, [path])) as tmps:
-        write_idx(tmps[0], full.keys[rows][order], full.offsets[rows][order])
-    return _restrict(cfg, dataset, full.keys[rows][order], path)
+        full.write_subset(tmps[0], rows)
+    return _restrict(cfg, dataset, full, rows, path)
 
 
 __all__ = ["face_nms_filter", "random_filter", "RecordIOError"]

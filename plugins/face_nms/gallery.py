@@ -73,7 +73,9 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
     """The page's HTML.
 
     Args:
-        features, labels, keys, offsets: one row per image record of ``rec_dir`` (train.idx order).
+        rec_dir: the dataset, a path or a :mod:`.datasets` object (RecordIO or image folder).
+        features, labels, keys, offsets: one row per face record of ``rec_dir`` (its order; ``offsets`` is
+            not read, the dataset gives the images).
         kept: bool per row, the records the index keeps.
         threshold: T of an NMS selection, drawn on the histogram (None: no line).
         numbers: (name, value) pairs of the run; plots: (caption, PNG bytes) pairs.
@@ -118,9 +120,8 @@ def build_page(rec_dir, features, labels, keys, offsets, kept, *, threshold=None
 
 
 def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
-    from .decode import RecordImages
-    from .recordio_index import rec_paths
-    rec, _ = rec_paths(rec_dir)
+    from .datasets import open_dataset
+    ds = open_dataset(rec_dir)
     blocks, need = [], []
     for label, why in shown:
         rows = np.flatnonzero(labels == label)
@@ -131,13 +132,14 @@ def _identities(rec_dir, labels, keys, offsets, kept, shown, sup, who):
         blocks.append((label, why, len(rows), k, d, k_shown, d[d_shown], srows[d_shown], scos[d_shown]))
         need += [k_shown, d[d_shown], srows[d_shown][srows[d_shown] >= 0]]
     need = np.unique(np.concatenate(need)) if need else np.zeros(0, np.int64)
-    images = RecordImages(rec, offsets[need], keys[need])
+    images = ds.images(need)
     thumbs = {int(r): _thumbnail(images[i].numpy()) for i, r in enumerate(need)}
 
     def img(row, role):
+        name = ds.record_name(row)
         return (f"<img class='thumb {role}' data-ref='key {int(keys[row])}' src='{thumbs[int(row)]}' width='{THUMB}' "
                 f"height='{THUMB}' "
-                f"alt='key {int(keys[row])}' title='{role} face, record key {int(keys[row])}'>")
+                f"alt='key {int(keys[row])}' title='{role} face, record {_e(name)}'>")
 
     def cell(row, role):
         word = "dropped" if role == "dropped" else "kept"
@@ -259,7 +261,8 @@ def selection_writer(rec_dir, features, labels, keys, offsets, sel, out, *, ids=
                 plots.append((cap, f.read()))
         threshold = sel.threshold if sel.method in ("nms", "local") else None
         return build_page(rec_dir, features, labels, keys, offsets, kept, threshold=threshold,
-                          numbers=[("dataset folder", os.path.abspath(rec_dir))] + summary_numbers(info),
+                          numbers=[("dataset folder", os.path.abspath(getattr(rec_dir, "path", rec_dir)))] +
+                          summary_numbers(info),
                           plots=plots, ids=ids, seed=seed, title=f"Face-NMS selection: {os.path.basename(out)}",
                           ranker=ranker)
     return write
@@ -269,17 +272,19 @@ def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=
     """The page of any filtered index of ``rec_dir`` (select's, proxy-subset's, a random one), written
     atomically to ``out``; T is read from the selection summary beside the index when it is one of
     this dataset. Returns a one-line report."""
+    from .datasets import open_dataset
     from .features import load_features
     from .files import reading_set
     from .filter import _summary, check_index_dataset
-    from .recordio_index import image_records, load_filtered_index
-    feats, labels, fkeys, _ = load_features(feature_dir, rec_dir)
+    ds = open_dataset(rec_dir)
+    feats, labels, fkeys, _ = load_features(feature_dir, ds)
     with reading_set(index):  # the index and its summary, of one set
-        index_keys = load_filtered_index(index, rec_dir)
-        check_index_dataset(index, rec_dir, index_keys)
+        rows = ds.subset_rows(index)
+        check_index_dataset(index, ds, ds.keys[rows])
         summary_path, info = _summary(index)
-    _, keys, offsets = image_records(rec_dir)
-    kept = np.isin(keys, index_keys)
+    keys, offsets = ds.keys, None
+    kept = np.zeros(len(keys), bool)
+    kept[rows] = True
     labels = np.asarray(labels, np.int64)
     is_summary = isinstance(info, dict) and (isinstance(info.get("dataset"), dict) or
                                              {"total", "kept", "kept_per_identity_histogram"} <= set(info))
@@ -297,7 +302,7 @@ def write_index_page(rec_dir, feature_dir, index, out, *, ids=GALLERY_IDS, seed=
         numbers.append(("summary", summary_path))
         numbers += [(k, v) for k, v in summary_numbers(info) if k not in ("kept", "total", "kept_fraction",
                                                                            "identities")]
-    page = build_page(rec_dir, feats, labels, keys, offsets, kept, threshold=threshold, numbers=numbers,
+    page = build_page(ds, feats, labels, keys, offsets, kept, threshold=threshold, numbers=numbers,
                       plots=[("retention by identity size", retention_png(labels, kept))], ids=ids, seed=seed,
                       title=f"Face-NMS gallery: {os.path.basename(index)}")
     with output_set([out], [".html"]) as tmps, open(tmps[0], "w", encoding="utf-8") as f:

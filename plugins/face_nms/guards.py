@@ -107,9 +107,26 @@ def same_file(a, b):
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+class _Tree(str):
+    """An input folder no output may be written into (an image folder dataset), not only replaced."""
+
+
 def dataset_files(rec_dir):
+    """The dataset's files no output may replace: train.rec and train.idx, or, for an image folder, every path
+    inside it."""
+    from .datasets import is_recordio
+    if os.path.isdir(rec_dir) and not is_recordio(rec_dir):
+        return [(_Tree(rec_dir), f"inside the image folder {rec_dir}, the dataset")]
     return [(os.path.join(rec_dir, "train.rec"), "the dataset's train.rec"),
             (os.path.join(rec_dir, "train.idx"), "the dataset's train.idx")]
+
+
+def subset_name(path, rec_dir, option="--out"):
+    """A filtered set of an image folder is a .txt list of image paths."""
+    from .datasets import is_recordio
+    if path and os.path.isdir(rec_dir) and not is_recordio(rec_dir) and not path.endswith(".txt"):
+        raise UsageError(f"{option} {path}: a filtered set of the image folder {rec_dir} is a list of its image "
+                         f"paths; name it .txt")
 
 
 def feature_files(feature_dir):
@@ -119,8 +136,12 @@ def feature_files(feature_dir):
 def refuse_replacing(outputs, inputs, option="--out"):
     """UsageError when an output path resolves to an input. ``outputs`` are paths the command
     would write, the first being ``option`` itself; ``inputs`` are (path, description) pairs."""
+    from .datasets import inside
     for out in outputs:
         for path, what in inputs:
+            if isinstance(path, _Tree) and inside(out, path):
+                raise UsageError(f"{option} {out} is {what}: no output is ever written into the dataset; choose "
+                                 f"another {option} outside it")
             if same_file(out, path):
                 via = "" if out == outputs[0] else f" would write {out}, which"
                 where = "" if out == path else f" ({path})"
@@ -305,8 +326,11 @@ def native_array(path, array, kinds):
 
 
 def rec_folder(rec_dir):
+    either = "a folder holding train.rec and train.idx, or an image folder (one sub-folder per identity)"
     if os.path.isfile(rec_dir):
-        raise NotADirectoryError(f"--rec {rec_dir} is a file: give the folder holding train.rec and train.idx")
+        raise NotADirectoryError(f"--rec {rec_dir} is a file: give {either}")
+    if not os.path.exists(rec_dir):
+        raise FileNotFoundError(f"--rec {rec_dir} not found: give {either}")
 
 
 def feature_folder(feature_dir):
@@ -324,6 +348,7 @@ def check_stats(args):
 
 def check_proxy_subset(args):
     rec_folder(args.rec)
+    subset_name(args.out, args.rec)
     refuse_replacing(index_outputs(args.out), dataset_files(args.rec))
     writable_file(args.out)
     regular_or_absent(index_outputs(args.out)[1:], f"--out {args.out}")
@@ -342,6 +367,7 @@ def check_select(args):
     rec_folder(args.rec)
     feature_folder(args.features)
     outputs = selection_outputs(args.out)
+    subset_name(args.out, args.rec)
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:
         inputs.append((args.centers, "the --centers file"))
@@ -446,6 +472,7 @@ def check_conflicts(args):
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out}: name the summary with .json (the CSV tables go beside it)")
     if args.drop:
+        subset_name(args.drop, args.rec, "--drop")
         refuse_replacing(outputs[own:], inputs, "--drop")
         if args.drop.endswith(".json"):
             raise UsageError(f"--drop {args.drop}: name the index .idx (its summary <stem>.json goes beside it)")
@@ -485,6 +512,7 @@ def check_overlap(args):
         if same_file(args.exclude, args.out) or args.exclude.endswith(".json"):
             raise UsageError(f"--exclude {args.exclude}: name the index .idx (its summary <stem>.json goes beside it) "
                              f"and the report --out .json")
+        subset_name(args.exclude, args.rec, "--exclude")
         outputs += index_outputs(args.exclude)
     refuse_replacing([args.out, page], inputs)
     if args.exclude:
@@ -513,7 +541,8 @@ def check_combine(args):
             raise UsageError(f"--index {path} is given twice; give each filtered index once")
         inputs += [(path, f"the --index file {path}"),
                    (os.path.splitext(path)[0] + ".json", f"the summary of --index {path}")]
-    if not args.out.endswith(".idx"):
+    subset_name(args.out, args.rec)
+    if not args.out.endswith((".idx", ".txt")):
         raise UsageError(f"--out {args.out}: name the combined index .idx (its summary <stem>.json goes beside it)")
     outputs = combined_outputs(args.out)
     refuse_replacing(outputs, inputs)

@@ -224,10 +224,12 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     per .bin, :mod:`.overlap_page`) and the exclusion index ``exclude``; returns the report."""
     import os
 
+    from .datasets import open_dataset
     from .eval_bin import read_bin
     from .features import load_features
     from .models import load_model, model_origin
-    feats, labels, _, meta = load_features(feature_dir, rec_dir)
+    ds = open_dataset(rec_dir)
+    feats, labels, _, meta = load_features(feature_dir, ds)
     check_same_model(feature_dir, meta, model_origin(checkpoint, network, embedding_size, onnx), checkpoint or onnx)
     bins = [read_bin(p) for p in bin_paths]
     model = load_model(checkpoint, network, embedding_size, onnx, device)
@@ -258,7 +260,7 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
     report["warnings"] = list(result.warnings)
     paths = [out]
     if exclude:
-        report["exclusion"], summary, keys, offsets = _exclusion(exclude, rec_dir, labels, found, meta, out)
+        report["exclusion"], summary, rows = _exclusion(exclude, ds, labels, found, meta, out)
         if not len(found):
             report["warnings"].append(f"the exclusion index {exclude} lists every training face: no training "
                                       f"identity matches an evaluation image at threshold {result.threshold:.4f}")
@@ -266,16 +268,14 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
         paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
     for line in report["warnings"]:
         log(f"face_nms overlap: warning: {line}")
+
     def page(path):
         from .overlap_page import overlap_page
-        from .recordio_index import image_records
-        _, rec_keys, rec_offsets = image_records(rec_dir)  # load_features checked: one per feature row
         with open(path, "w", encoding="utf-8") as f:
             f.write(overlap_page(f"Benchmark overlap: {os.path.basename(out)}", report, bins, result.sets, labels,
-                                 rec_keys, rec_offsets, rec_dir, rows=page_rows))
+                                 ds.keys, ds, rows=page_rows))
     paths.append(overlap_outputs(out)[1])
-    _write(paths, report, summary if exclude else None, keys if exclude else None, offsets if exclude else None,
-           page)
+    _write(paths, report, summary if exclude else None, rows if exclude else None, ds, page)
     return report
 
 
@@ -285,40 +285,38 @@ def overlap_outputs(out):
     return [out, os.path.splitext(out)[0] + ".html"]
 
 
-def _exclusion(exclude, rec_dir, labels, found, meta, out):
-    """The training records of identities outside the overlap, with the summary the training filter reads."""
+def _exclusion(exclude, ds, labels, found, meta, out):
+    """The training rows of identities outside the overlap, with the summary the training filter reads."""
     import os
 
-    from .recordio_index import image_records
     from .report import index_summary
     keep = ~np.isin(labels, found)
     identities = len(np.unique(labels))
     if not keep.any():
         raise ValueError(f"--exclude {exclude}: the overlap holds every one of the {identities} training identities, "
                          f"so the exclusion index would be empty; check --threshold and the model")
-    _, keys, offsets = image_records(rec_dir)  # load_features checked these are the feature rows, in order
+    keys = ds.keys  # load_features checked these are the feature rows, in order
     summary = index_summary(labels, keep, keys, meta["provenance"]["dataset"], method="overlap exclusion",
                             identities=identities, removed_identities=int(len(found)),
                             removed_faces=int((~keep).sum()), overlap_report=os.path.abspath(out))
     summary["path"] = os.path.splitext(exclude)[0] + ".json"
     info = {k: summary[k] for k in ("kept", "total", "removed_identities", "removed_faces")}
     info["index"] = os.path.abspath(exclude)
-    return info, summary, keys[keep], offsets[keep]
+    return info, summary, np.flatnonzero(keep)
 
 
-def _write(paths, report, summary, keys, offsets, page):
+def _write(paths, report, summary, rows, ds, page):
     """``paths``: the report, [the index, [its summary]], the page (last)."""
     import json
 
     from .files import left_of_family, output_set
-    from .recordio_index import write_idx
     # an exclusion index replaces the whole set of an earlier index of that name: its plots and page go
     with output_set(paths, [""] * (len(paths) - 1) + [".html"],
                     remove=left_of_family(paths[1], paths) if len(paths) > 2 else ()) as tmps:
         body = dict(report)
         page(tmps[-1])
         if summary is not None:
-            write_idx(tmps[1], keys, offsets)
+            ds.write_subset(tmps[1], rows)
             extra = {k: v for k, v in summary.items() if k != "path"}
             if len(paths) == 4:
                 with open(tmps[2], "w") as f:

@@ -15,10 +15,10 @@ from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record
 PAGE_ROWS = 200
 
 
-def overlap_page(title, report, bins, sets, labels, keys, offsets, rec_dir, rows=PAGE_ROWS):
+def overlap_page(title, report, bins, sets, labels, keys, dataset, rows=PAGE_ROWS):
     """The page's HTML. ``report``: the overlap report (its ``bins`` entries in the order of ``bins``,
     the :class:`.eval_bin.EvalBin` objects); ``sets``: per bin the (image, label, cosine) arrays of
-    every match; ``labels``/``keys``/``offsets``: one per feature row of ``rec_dir``."""
+    every match; ``labels``/``keys``: one per feature row of ``dataset`` (a path or a :mod:`.datasets` object)."""
     from .eval_bin import decode
     shown = []
     for entry in report["bins"]:
@@ -27,7 +27,7 @@ def overlap_page(title, report, bins, sets, labels, keys, offsets, rec_dir, rows
     groups = rows_of(labels, {x["label"] for per in shown for x in per})
     sample = {lab: spread(r) for lab, r in groups.items()}
     try:
-        thumbs = record_thumbnails(rec_dir, keys, offsets, np.concatenate(list(sample.values())) if sample else [])
+        thumbs = record_thumbnails(dataset, np.concatenate(list(sample.values())) if sample else [])
         reason = None
     except (ValueError, OSError) as exc:
         from .guards import describe

@@ -91,13 +91,11 @@ def thumbnail(rgb):
     return uri(buf.tobytes(), "jpeg")
 
 
-def record_thumbnails(rec_dir, keys, offsets, rows):
-    """{row: data URI} of the image records ``rows`` (one per feature row: ``keys``/``offsets``)."""
-    from .decode import RecordImages
-    from .recordio_index import rec_paths
-    rec, _ = rec_paths(rec_dir)
+def record_thumbnails(dataset, rows):
+    """{row: data URI} of the face records ``rows`` of ``dataset`` (a path or a :mod:`.datasets` object)."""
+    from .datasets import open_dataset
     rows = np.unique(np.asarray(rows, np.int64))
-    images = RecordImages(rec, np.asarray(offsets)[rows], np.asarray(keys)[rows])
+    images = open_dataset(dataset).images(rows)
     return {int(r): thumbnail(images[i].numpy()) for i, r in enumerate(rows)}
 
 

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .recordio_index import RecordIOError, image_records, read_record, rec_paths, record_labels
+from .recordio_index import RecordIOError, read_record, rec_paths
 
 LABEL_SAMPLE = 4096
 RECORD_SAMPLE = 256  # records read for train_rec_sample_sha256: a few MB, well under a second at 42M records
@@ -108,7 +108,9 @@ def dataset_differences(recorded, rec_dir, now=None):
     ``rec_dir`` now. Only fields present in both are compared (an older record lacks some); a
     field of :data:`INFORMS` alone never refuses, and is named among the refusing ones when
     something else differs."""
-    now = dataset_provenance(rec_dir) if now is None else now
+    if now is None:
+        from .datasets import open_dataset
+        now = open_dataset(rec_dir).provenance()
     if not isinstance(recorded, dict):
         return differences(recorded, now, "dataset."), []
     both = [k for k in recorded if k in now]
@@ -187,33 +189,36 @@ def exact(v):
 
 
 def check_dataset(feature_dir, meta, rec_dir, labels, keys):
-    """Refuses features whose rows are not this dataset's image records with these labels.
+    """Refuses features whose rows are not this dataset's face records with these labels.
 
-    The train.idx digest recorded at extraction is compared first (it fixes keys and offsets); labels
-    are then compared on a sample of rows, or on every row when no digest was recorded.
+    ``rec_dir``: the dataset's path or a :mod:`.datasets` object. The dataset provenance recorded at
+    extraction is compared first (for RecordIO it fixes keys and offsets, for a folder the file list);
+    labels are then compared on a sample of rows, or on every row when no provenance was recorded.
     """
+    from .datasets import open_dataset
+    ds = open_dataset(rec_dir)
+    rec_dir = ds.path
     recorded = (meta.get("provenance") or {}).get("dataset")
     other = f"features in {feature_dir} were not extracted from {rec_dir}"
     if recorded is not None:
-        diff, informs = dataset_differences(recorded, rec_dir)
+        diff, informs = dataset_differences(recorded, rec_dir, ds.provenance())
         if diff:
             raise ValueError(f"{other}: {'; '.join(diff)}; extract features of this dataset")
         if informs:
             note(informs, rec_dir)
-    _, rec_keys, rec_offsets = image_records(rec_dir)
+    rec_keys = ds.keys
     if not np.array_equal(rec_keys, keys):
-        raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} image records of "
+        raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} face records of "
                          f"{rec_dir}; extract features of this dataset")
     rows = np.arange(len(keys))
     if recorded is not None and len(rows) > LABEL_SAMPLE:
         rows = np.unique(np.linspace(0, len(keys) - 1, LABEL_SAMPLE).astype(np.int64))
-    rec, _ = rec_paths(rec_dir)
-    now = record_labels(rec, rec_keys[rows], rec_offsets[rows])
+    now = ds.read_labels(rows)
     wrong = np.flatnonzero(now != labels[rows])
     if len(wrong):
         k = int(rows[wrong[0]])
         raise ValueError(f"{other}: labels differ for {len(wrong)} of {len(rows)} rows compared (record "
-                         f"{int(keys[k])}: {exact(labels[k])} in labels.npy, {exact(now[wrong[0]])} in train.rec); "
+                         f"{ds.record_name(k)}: {exact(labels[k])} in labels.npy, {exact(now[wrong[0]])} in the dataset); "
                          f"extract features of this dataset")
 
 

@@ -50,26 +50,24 @@ def random_subset(labels, ratio=None, seed=0, quota=None):
     return np.flatnonzero(rank_within_identity(labels, keys) < quota[labels])
 
 
-def write_proxy_subset(out, rec_dir, index, ratio, seed):
-    """Writes the proxy subset of ``index`` (a RecordIndex of ``rec_dir``) to ``out`` with its summary
-    ``<stem>.json`` (the dataset's provenance, counts, a label sample: what the training filter checks),
-    as one set. Returns the kept rows."""
+def write_proxy_subset(out, ds, ratio, seed):
+    """Writes the proxy subset of the dataset ``ds`` (a :mod:`.datasets` object) to ``out`` with its
+    summary ``<stem>.json`` (the dataset's provenance, counts, a label sample: what the training filter
+    checks), as one set. Returns the kept rows."""
     import json
     import os
 
     from .files import left_of_family, output_set
-    from .provenance import dataset_provenance
-    from .recordio_index import write_idx
     from .report import index_summary
-    rows = random_subset(index.labels, ratio, seed)
-    keep = np.zeros(len(index), bool)
+    rows = random_subset(ds.labels, ratio, seed)
+    keep = np.zeros(len(ds), bool)
     keep[rows] = True
-    info = index_summary(index.labels, keep, index.keys, dataset_provenance(rec_dir),
+    info = index_summary(ds.labels, keep, ds.keys, ds.provenance(),
                          method="proxy-subset (random per identity)", ratio=ratio, seed=seed)
     # the plots and page of an earlier index of that name go with it
     written = [out, os.path.splitext(out)[0] + ".json"]
     with output_set(written, remove=left_of_family(out, written)) as (tmp_idx, tmp_json):
-        write_idx(tmp_idx, index.keys[rows], index.offsets[rows])
+        ds.write_subset(tmp_idx, rows)
         with open(tmp_json, "w") as f:
             json.dump(info, f, indent=1)
     return rows

@@ -82,19 +82,23 @@ def report_paths(idx_path):
     return [f"{stem}.json", f"{stem}_retention.png", f"{stem}_nn_cosine.png"]
 
 
-def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=None):
+def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=None, write=None):
     """Writes the filtered index (``keys``/``offsets`` of the kept records) with its summary
     ``<stem>.json`` and plots ``<stem>_retention.png``, ``<stem>_nn_cosine.png``, as one set:
     an interruption leaves the previous set or the new one, never a mix. ``dataset``: the
     provenance of the dataset the features came from, recorded in the summary (the training
     filter compares it with ``config.rec``). ``page``: ``page(path, summary, plot_paths)`` writes
-    ``<stem>.html`` (:mod:`.gallery`) into the same set."""
+    ``<stem>.html`` (:mod:`.gallery`) into the same set. ``write``: ``write(path)`` writes the filtered set
+    (a dataset's ``write_subset``, :mod:`.datasets`) instead of an .idx of ``keys``/``offsets``."""
     paths = [idx_path] + report_paths(idx_path) + ([os.path.splitext(idx_path)[0] + ".html"] if page else [])
     if dataset is not None:
         dataset = dict(dataset, label_sample=label_sample(keys, np.asarray(labels)[sel.keep]))
     family = report_paths(idx_path) + [os.path.splitext(idx_path)[0] + ".html"]
     with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)], remove=family[len(paths) - 1:]) as tmps:
-        write_idx(tmps[0], keys, offsets)
+        if write is not None:
+            write(tmps[0])
+        else:
+            write_idx(tmps[0], keys, offsets)
         info = _write_report(sel, labels, dataset, *tmps[1:4])
         if page is not None:
             page(tmps[4], info, tmps[2:4])
