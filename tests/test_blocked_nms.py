@@ -125,3 +125,18 @@ def test_large_identity_ratio_mode_equals_whole_matrix(search_sample):
     assert np.array_equal(sel.keep, brute_force(feats, labels, sel.threshold))
     assert abs(sel.fraction - 0.5) <= 0.005
     assert np.array_equal(sel.nn_rows, whole.nn_rows) and np.array_equal(sel.nn_cos, whole.nn_cos, equal_nan=True)
+
+
+def test_threshold_masks_by_table_equal_a_binary_search_per_cosine():
+    from plugins.face_nms.nms import _FULL
+    rng = np.random.default_rng(5)
+    for ts in (np.sort(rng.uniform(-0.9, 0.95, 64)), np.linspace(0.5, 0.5 + 1e-6, 64)[::3], np.array([0.1, 0.2])):
+        floors = torch.tensor([float32_floor(t) for t in ts], dtype=torch.float32)
+        # cosines on, just above and just below every threshold, among uniform ones
+        edge = torch.cat([floors, torch.nextafter(floors, torch.tensor(2.0)), torch.nextafter(floors, torch.tensor(-2.0)),
+                          torch.tensor([-1.0, 1.0, 0.0])])
+        S = torch.cat([torch.from_numpy(rng.uniform(-1, 1, 300_000).astype(np.float32)), edge]).reshape(1, -1, 1)
+        S = S.expand(1, -1, 2).contiguous()
+        want = torch.from_numpy(_FULL)[torch.searchsorted(floors, S.contiguous())]
+        assert S.numel() >= 1 << 16  # the table path
+        assert torch.equal(over_masks(S, ts), want)

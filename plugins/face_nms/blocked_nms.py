@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .nms import _FULL, greedy_nms, over_masks
+from .nms import _FULL, float32_floor, greedy_nms, over_masks
 
 MIN_ROWS = 16
 
@@ -52,6 +52,19 @@ def _or_rows(a):
     return a[:, 0]
 
 
+def _suppressed(P, floors, masks):
+    """Per row of cosines P (block x kept faces, numpy): the OR of each kept face's mask and the
+    thresholds its cosine exceeds. Only cosines above the lowest threshold are looked at: most
+    pairs of an identity lie below the thresholds a selection uses."""
+    rows, cols = np.nonzero(P > floors[0])
+    out = np.zeros(len(P), np.int64)
+    if len(rows):
+        hit = _FULL[np.searchsorted(floors, np.minimum(P[rows, cols], np.float32(1.0)))] & masks[cols]
+        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+        out[rows[starts]] = np.bitwise_or.reduceat(hit, starts)
+    return torch.from_numpy(out)
+
+
 def _chunks(n, c):
     """(start, end) column ranges of n kept faces, c at a time, each at least MIN_ROWS wide
     (the last one reaches back over the one before; before MIN_ROWS faces are kept, the padding
@@ -68,6 +81,7 @@ def greedy_blocks(X, thresholds, budget):
     full = int(_FULL[k])
     m, d = X.shape
     b, c = block_shape(budget)
+    floors = np.array([float32_floor(t) for t in thresholds], np.float32)
     kept = X.new_zeros((m + MIN_ROWS, d))  # the faces kept at any threshold, in rank order
     kept_masks = torch.zeros(m + MIN_ROWS, dtype=torch.int64, device=X.device)
     n_kept = 0
@@ -78,11 +92,17 @@ def greedy_blocks(X, thresholds, budget):
         block = _padded(X, s, e)
         sup = torch.zeros(e - s, dtype=torch.int64, device=X.device)
         for u0, u1 in _chunks(n_kept, c):
-            P = (block @ kept[u0:u1].T).clamp_(-1.0, 1.0)
+            # clamped to [-1, 1] as the whole matrix is, but only where a value is used
+            P = block @ kept[u0:u1].T
             peak = max(peak, P.numel())
-            hit = over_masks(P[:e - s], thresholds) & kept_masks[u0:u1][None, :]
+            if k == 1:  # every kept face has mask 1: suppressed iff the nearest kept face is above
+                near = P[:e - s, :min(u1, n_kept) - u0].max(dim=1).values.clamp_(max=1.0)
+                sup |= (near > floors[0]).to(torch.int64)
+            elif X.device.type == "cpu":
+                sup |= _suppressed(P[:e - s].numpy(), floors, kept_masks[u0:u1].numpy())
+            else:
+                sup |= _or_rows(over_masks(P[:e - s].clamp_(-1.0, 1.0), thresholds) & kept_masks[u0:u1][None, :])
             del P
-            sup |= _or_rows(hit)
         Q = (block @ block.T).clamp_(-1.0, 1.0)
         peak = max(peak, Q.numel())
         ov = over_masks(Q[None, :e - s, :e - s], thresholds)

@@ -114,8 +114,44 @@ def over_masks(S, thresholds):
     if k == 1:
         return (S > floors[0]).to(torch.int64)
     # how many thresholds lie strictly below each cosine: exactly the bits to set
-    below = torch.searchsorted(floors, S.contiguous())
-    return torch.from_numpy(_FULL).to(S.device)[below]
+    if S.numel() < _BUCKETS or S.device.type != "cpu":
+        below = torch.searchsorted(floors, S.contiguous())
+        return torch.from_numpy(_FULL).to(S.device)[below]
+    return _bucket_masks(S, floors)
+
+
+_BUCKETS = 1 << 16
+_TABLES = {}
+
+
+def _bucket(v):
+    """Bucket of float32 cosines v in [-1, 1] (numpy): non-decreasing in v, the same for every array."""
+    b = ((v + np.float32(1.0)) * np.float32(_BUCKETS / 2)).astype(np.int32)
+    return np.minimum(np.maximum(b, 0, out=b), _BUCKETS, out=b)
+
+
+def _bucket_masks(S, floors):
+    """over_masks' masks by table look-up: a bucket holding no floor has the same floors below all
+    its cosines (the bucket is monotone in the cosine); the cosines of a bucket holding a floor
+    are counted by binary search. Several times faster than a binary search per cosine."""
+    f = floors.cpu().numpy()
+    key = f.tobytes()
+    if key not in _TABLES:
+        if len(_TABLES) > 8:
+            _TABLES.clear()
+        fb = _bucket(f)
+        ambiguous = np.zeros(_BUCKETS + 1, bool)
+        ambiguous[fb] = True
+        _TABLES[key] = (_FULL[np.searchsorted(fb, np.arange(_BUCKETS + 1))], ambiguous)
+    masks, ambiguous = _TABLES[key]
+    # numpy, one thread: on a shared CPU torch's threads for element-wise work stall each other
+    x = S.cpu().numpy() if S.device.type != "cpu" else S.numpy()
+    b = _bucket(x)
+    out = masks[b]
+    near = np.flatnonzero(ambiguous[b])
+    if len(near):
+        out.flat[near] = _FULL[np.searchsorted(f, x.flat[near])]
+    return torch.from_numpy(out).to(S.device)
 
 
 
