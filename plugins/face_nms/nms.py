@@ -114,7 +114,7 @@ def over_masks(S, thresholds):
     if k == 1:
         return (S > floors[0]).to(torch.int64)
     # how many thresholds lie strictly below each cosine: exactly the bits to set
-    if S.numel() < _BUCKETS or S.device.type != "cpu":
+    if S.device.type != "cpu":
         below = torch.searchsorted(floors, S.contiguous())
         return torch.from_numpy(_FULL).to(S.device)[below]
     return _bucket_masks(S, floors)
