@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .nms import _FULL, float32_floor, greedy_nms, over_masks
+from .nms import _FULL, exceeded, float32_floor, greedy_nms, over_masks
 
 MIN_ROWS = 16
 
@@ -59,7 +59,7 @@ def _suppressed(P, floors, masks):
     rows, cols = np.nonzero(P > floors[0])
     out = np.zeros(len(P), np.int64)
     if len(rows):
-        hit = _FULL[np.searchsorted(floors, np.minimum(P[rows, cols], np.float32(1.0)))] & masks[cols]
+        hit = exceeded(np.minimum(P[rows, cols], np.float32(1.0)), floors) & masks[cols]
         starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
         out[rows[starts]] = np.bitwise_or.reduceat(hit, starts)
     return torch.from_numpy(out)

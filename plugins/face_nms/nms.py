@@ -131,29 +131,30 @@ def _bucket(v):
 
 
 def _bucket_masks(S, floors):
-    """over_masks' masks by table look-up: a bucket holding no floor has the same floors below all
-    its cosines (the bucket is monotone in the cosine); the cosines of a bucket holding a floor
-    are counted by binary search. Several times faster than a binary search per cosine."""
-    f = floors.cpu().numpy()
-    key = f.tobytes()
+    # numpy, one thread: on a shared CPU torch's threads for element-wise work stall each other
+    return torch.from_numpy(exceeded(S.numpy(), floors.numpy()))
+
+
+def exceeded(x, floors):
+    """int64 masks of the float32 ``floors`` (ascending) below each float32 cosine of the numpy
+    array ``x``, by table look-up: a bucket holding no floor has the same floors below all its
+    cosines (the bucket is monotone in the cosine); the cosines of a bucket holding a floor are
+    counted by binary search. Several times faster than a binary search per cosine."""
+    key = floors.tobytes()
     if key not in _TABLES:
         if len(_TABLES) > 8:
             _TABLES.clear()
-        fb = _bucket(f)
+        fb = _bucket(floors)
         ambiguous = np.zeros(_BUCKETS + 1, bool)
         ambiguous[fb] = True
         _TABLES[key] = (_FULL[np.searchsorted(fb, np.arange(_BUCKETS + 1))], ambiguous)
     masks, ambiguous = _TABLES[key]
-    # numpy, one thread: on a shared CPU torch's threads for element-wise work stall each other
-    x = S.cpu().numpy() if S.device.type != "cpu" else S.numpy()
     b = _bucket(x)
     out = masks[b]
     near = np.flatnonzero(ambiguous[b])
     if len(near):
-        out.flat[near] = _FULL[np.searchsorted(f, x.flat[near])]
-    return torch.from_numpy(out).to(S.device)
-
-
+        out.flat[near] = _FULL[np.searchsorted(floors, x.flat[near])]
+    return out
 
 
 def greedy_nms(over, k, suppressed=None):
