@@ -140,3 +140,10 @@ def test_threshold_masks_by_table_equal_a_binary_search_per_cosine():
         want = torch.from_numpy(_FULL)[torch.searchsorted(floors, S.contiguous())]
         assert torch.equal(over_masks(S, ts), want)
         assert torch.equal(over_masks(S[:, :5], ts), want[:, :5])
+
+
+@pytest.mark.parametrize("bad", [0, 255, -1, 1.5, True, "4096"])
+def test_bad_pair_budget_is_refused_in_one_line(bad):
+    feats, labels = large_identity(100, small_ids=3)
+    with pytest.raises(ValueError, match=r"pair_budget must be a whole number of cosines >= 256, got"):
+        select_core_set(feats, labels, threshold=0.5, pair_budget=bad)
