@@ -114,7 +114,6 @@ class _Run:
             # on the CPU a batch whose float64 features stay in cache (~4 MB) is several times faster
             # than a large one; on a GPU large batches amortise the kernel launches
             max_rows = 1 << 10 if ranker.device.type == "cpu" else 1 << 14
-        budget = max(int(budget), MIN_ROWS * MIN_ROWS)
         self.plan, self.ranker, self.budget, self.max_rows = plan, ranker, budget, max_rows
         self.masks = np.zeros(plan.total, np.int64)
         self.masks[plan.singles] = -1  # a lone face is kept at every threshold
@@ -265,6 +264,9 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         check_ratio(ratio)
     else:
         threshold = _check_threshold(threshold)
+    if isinstance(pair_budget, (bool, np.bool_)) or not isinstance(pair_budget, (int, np.integer)) \
+            or pair_budget < MIN_ROWS * MIN_ROWS:
+        raise ValueError(f"pair_budget must be a whole number of cosines >= {MIN_ROWS * MIN_ROWS}, got {pair_budget!r}")
     if not isinstance(search_sample, (int, np.integer)) or search_sample < 0:
         raise ValueError(f"search_sample must be a number of identities >= 0, got {search_sample!r}")
     labels, centers = _check_inputs(features, labels, centers)
