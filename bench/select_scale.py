@@ -9,13 +9,18 @@ Two kinds of points:
 * ``--sizes``: one generated file per size;
 * ``--big N --sizes A,B``: one generated N-face file, each size measured on its first rows (the
   prefix of a shuffled file: fewer faces per identity), in memory when the page cache holds it,
-  out of core when it does not (the file's pages are dropped from the cache first).
+  out of core when it does not (the file's pages are dropped from the cache first);
+* ``--largest M``: one of the identities has M faces (web-crawled sets have identities of tens of
+  thousands of faces), the others as above.
 
 Each point runs in its own process and reports wall time, peak anonymous memory (RssAnon,
 sampled; file pages mapped do not count), peak RSS as the kernel counts it, bytes read from
-disk, and a lower bound measured in the same process on the same cache state: one sequential
-read of the rows into float32, plus batched matrix products of exactly the per-identity pairwise
-work (sum of n_i^2 d multiply-adds, no padding).
+disk, and two lower bounds measured in the same process on the same cache state, both starting
+with one sequential read of the rows into float32: the physical bound adds the per-identity
+pairwise work (sum of n_i^2 d multiply-adds) at the rate of a large float32 matrix product timed
+in the same process; the batched bound adds batched matrix products of exactly that work (no
+padding), timed (not taken for identities of more than 2,048 faces with ``--largest``: their
+products are large matrix products, which the physical bound already times).
 """
 import argparse
 import json
@@ -31,8 +36,11 @@ import numpy as np
 from common import peak_rss_mb, save, table
 
 
-def identity_sizes(n, mean_size, rng):
-    """Log-normal identity sizes (at least 2, at most 800 faces) summing to n."""
+def identity_sizes(n, mean_size, rng, largest=0):
+    """Log-normal identity sizes (at least 2, at most 800 faces) summing to n; with ``largest``,
+    the first identity has that many faces."""
+    if largest:
+        return np.concatenate([[largest], identity_sizes(n - largest, mean_size, rng)])
     sizes = np.maximum(2, rng.lognormal(np.log(mean_size) - 0.6, 1.1, int(n / mean_size * 1.2) + 16)).astype(np.int64)
     sizes = np.minimum(sizes, 800)
     sizes = sizes[:np.searchsorted(np.cumsum(sizes), n) + 1]
@@ -40,7 +48,7 @@ def identity_sizes(n, mean_size, rng):
     return sizes[sizes > 0]
 
 
-def make_features(path, n, d=512, seed=0, mean_size=17.0, chunk=1 << 16):
+def make_features(path, n, d=512, seed=0, mean_size=17.0, chunk=1 << 16, largest=0):
     """Streams an n x d float16 feature file to ``path``; returns the row labels.
 
     Identity centers are sums of three rows of small random tables picked by the label, so no
@@ -50,7 +58,7 @@ def make_features(path, n, d=512, seed=0, mean_size=17.0, chunk=1 << 16):
     """
     from concurrent.futures import ThreadPoolExecutor
     rng = np.random.default_rng(seed)
-    sizes = identity_sizes(n, mean_size, rng)
+    sizes = identity_sizes(n, mean_size, rng, largest)
     labels = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(n)]  # im2rec-style shuffle
     tables = rng.standard_normal((3, 4099, d)).astype(np.float32) / np.sqrt(3)
     phase = np.arange(d, dtype=np.float32)[None, :]
@@ -125,12 +133,33 @@ def read_pass(feats, chunk_rows=1 << 16):
     return time.perf_counter() - t0
 
 
-def pairwise_bound(labels, d, device):
+def gemm_rate(d, device, n=4096, seconds=1.0):
+    """Multiply-adds per second of a large float32 matrix product (n x d by d x n)."""
+    import torch
+    dev = torch.device(device)
+    a, b = torch.randn(n, d, device=dev), torch.randn(d, n, device=dev)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return reps * n * n * d / (time.perf_counter() - t0)
+
+
+def pairwise_bound(labels, d, device, max_size=None):
+    """(seconds of batched products of the per-identity pairwise work of identities of at most
+    ``max_size`` faces, sum of n_i^2 d over all identities)."""
     import torch
     sizes = np.bincount(labels)
     t0 = time.perf_counter()
     dev = torch.device(device)
     for m in np.unique(sizes[sizes > 1]):
+        if max_size and m > max_size:
+            continue
         count = int((sizes == m).sum())
         per_batch = max(1, (1 << 24) // (m * d))
         x = torch.randn(min(count, per_batch), m, d, device=dev)
@@ -144,7 +173,7 @@ def pairwise_bound(labels, d, device):
 
 def generate(args):
     n = args.generate
-    labels = make_features(os.path.join(args.work_dir, f"features_{n}.npy"), n)
+    labels = make_features(os.path.join(args.work_dir, f"features_{n}.npy"), n, largest=args.largest)
     np.save(os.path.join(args.work_dir, f"labels_{n}.npy"), labels)
 
 
@@ -164,7 +193,8 @@ def measure(args):
     else:
         drop_from_cache(path)
     read = read_pass(feats)
-    matmul, work_flops = pairwise_bound(labels, feats.shape[1], args.device)
+    matmul, work_flops = pairwise_bound(labels, feats.shape[1], args.device, 2048 if args.largest else None)
+    rate = gemm_rate(feats.shape[1], args.device)
     if not in_memory:
         drop_from_cache(path)
     kw = dict(ratio=0.6) if args.mode == "ratio" else dict(threshold=args.threshold)
@@ -184,8 +214,11 @@ def measure(args):
                       "identities": int(len(sizes)), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
                       "wall_s": wall, "faces_per_s": n / wall, "peak_anon_mb": anon.peak / 2**20,
                       "anon_before_mb": rss0 / 2**20, "peak_rss_mb": peak_rss_mb(), "disk_read_gb": read_bytes / 1e9,
-                      "read_s": read, "matmul_s": matmul, "lower_bound_s": read + matmul,
-                      "ratio_to_bound": wall / (read + matmul), "pair_madds": work_flops,
+                      "read_s": read, "matmul_s": None if args.largest else matmul,
+                      "lower_bound_s": None if args.largest else read + matmul,
+                      "ratio_to_bound": None if args.largest else wall / (read + matmul), "pair_madds": work_flops,
+                      "gemm_madds_per_s": rate, "physical_bound_s": read + work_flops / rate,
+                      "ratio_to_physical": wall / (read + work_flops / rate), "pair_peak": sel.pair_peak,
                       "kept_fraction": sel.fraction, "threshold": sel.threshold, "passes": sel.passes,
                       "file_reads": sel.file_reads, "source": sel.source, "notes": notes}))
 
@@ -198,6 +231,7 @@ def main():
     p.add_argument("--mode", default="threshold", choices=["threshold", "ratio"],
                    help="a given threshold or ratio=0.6 (threshold searched)")
     p.add_argument("--threshold", type=float, default=0.52, help="threshold of --mode threshold")
+    p.add_argument("--largest", type=int, default=0, help="one identity of this many faces")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work-dir", default=None, help="where the feature files go (1.03 GB per 1M faces)")
     p.add_argument("--spill-dir", default=None, help="temporary files of out-of-core selection (default: --work-dir)")
@@ -214,7 +248,8 @@ def main():
         return measure(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="face_nms_bench_")
     os.makedirs(work, exist_ok=True)
-    common = ["--work-dir", work, "--device", args.device, "--mode", args.mode, "--threshold", str(args.threshold)]
+    common = ["--work-dir", work, "--device", args.device, "--mode", args.mode, "--threshold", str(args.threshold),
+              "--largest", str(args.largest)]
     if args.spill_dir:
         common += ["--spill-dir", args.spill_dir]
     if args.save_keep:
@@ -237,14 +272,16 @@ def main():
             results.append(r)
             rows.append([n, r["identities"], "memory" if r["in_memory"] else "out of core", r["source"], r["wall_s"],
                          r["peak_anon_mb"], r["disk_read_gb"], r["read_s"], r["matmul_s"], r["ratio_to_bound"],
-                         r["passes"], r["file_reads"], r["kept_fraction"]])
+                         r["physical_bound_s"], r["ratio_to_physical"], r["passes"], r["file_reads"],
+                         r["kept_fraction"]])
             print(json.dumps(r), flush=True)
         if not args.keep_files:
             for name in (f"features_{src}.npy", f"labels_{src}.npy"):
                 os.remove(os.path.join(work, name))
     text = table(["faces", "identities", "file", "read as", "wall s", "peak anon MB", "disk read GB", "read s",
-                  "matmul s", "wall/bound", "passes", "file reads", "kept"], rows)
-    suffix = ("_big" if args.big else "") + ("_gpu" if args.device.startswith("cuda") else "")
+                  "matmul s", "wall/bound", "physical s", "wall/physical", "passes", "file reads", "kept"], rows)
+    suffix = ("_big" if args.big else "") + (f"_largest{args.largest}" if args.largest else "") + \
+        ("_gpu" if args.device.startswith("cuda") else "")
     save(args.name or f"select_scale_{args.mode}{suffix}", {"mode": args.mode, "device": args.device,
                                                              "results": results, "table": text})
 

@@ -55,6 +55,19 @@ class Ranker:
 
     def rank(self, X, rows, labels, pairwise=True):
         """(ranked pairwise cosines B x m x m float32 or None, ranked rows B x m) of B x m x d features."""
+        Xt, perm, ranked_rows = self.prepare(X, rows, labels)
+        if not pairwise:
+            return None, ranked_rows
+        return ranked_cosines(Xt, perm), ranked_rows
+
+    def ranked_features(self, X, rows, labels):
+        """(ranked float32 features B x m x d, normalised in float64, ranked rows B x m): what
+        :func:`.blocked_nms.greedy_blocks` takes instead of the m x m cosines."""
+        Xt, perm, ranked_rows = self.prepare(X, rows, labels)
+        return torch.gather(Xt, 1, perm[..., None].expand(-1, -1, Xt.shape[2])), ranked_rows
+
+    def prepare(self, X, rows, labels):
+        """(float32 features normalised in float64 B x m x d, rank permutation B x m, ranked rows B x m)."""
         # ranking in float64: faces tied in exact arithmetic (both faces of a two-face identity
         # are equally far from their mean) get scores equal to ~1e-16, which the 2^-20 grid
         # makes exactly equal, so they rank by row index on every device and library
@@ -79,16 +92,16 @@ class Ranker:
                 key = -key
         # rows within an identity are increasing, so a stable sort breaks ties by row index
         perm = torch.sort(key, dim=1, stable=True).indices
-        ranked_rows = torch.gather(rows_t, 1, perm)
-        if not pairwise:
-            return None, ranked_rows
-        # cosines first, then rows and columns permuted: m x m per identity is cheaper to move
-        # than the m x d features
-        Xt = X64.float()
-        S = torch.bmm(Xt, Xt.transpose(1, 2)).clamp_(-1.0, 1.0)
-        m = S.shape[1]
-        S = torch.gather(torch.gather(S, 1, perm[..., None].expand(-1, -1, m)), 2, perm[:, None, :].expand(-1, m, -1))
-        return S, ranked_rows
+        return X64.float(), perm, torch.gather(rows_t, 1, perm)
+
+
+def ranked_cosines(Xt, perm):
+    """Pairwise cosines (B x m x m float32) of features Xt, rows and columns in rank order ``perm``."""
+    # cosines first, then rows and columns permuted: m x m per identity is cheaper to move
+    # than the m x d features
+    S = torch.bmm(Xt, Xt.transpose(1, 2)).clamp_(-1.0, 1.0)
+    m = S.shape[1]
+    return torch.gather(torch.gather(S, 1, perm[..., None].expand(-1, -1, m)), 2, perm[:, None, :].expand(-1, m, -1))
 
 
 def over_masks(S, thresholds):
@@ -101,23 +114,64 @@ def over_masks(S, thresholds):
     if k == 1:
         return (S > floors[0]).to(torch.int64)
     # how many thresholds lie strictly below each cosine: exactly the bits to set
-    below = torch.searchsorted(floors, S.contiguous())
-    return torch.from_numpy(_FULL).to(S.device)[below]
+    if S.device.type != "cpu":
+        below = torch.searchsorted(floors, S.contiguous())
+        return torch.from_numpy(_FULL).to(S.device)[below]
+    return _bucket_masks(S, floors)
 
 
+_BUCKETS = 1 << 16
+_TABLES = {}
 
 
-def greedy_nms(over, k):
+def _bucket(v):
+    """Bucket of float32 cosines v in [-1, 1] (numpy): non-decreasing in v, the same for every array."""
+    b = ((v + np.float32(1.0)) * np.float32(_BUCKETS / 2)).astype(np.int32)
+    return np.minimum(np.maximum(b, 0, out=b), _BUCKETS, out=b)
+
+
+def _bucket_masks(S, floors):
+    # numpy, one thread: on a shared CPU torch's threads for element-wise work stall each other
+    return torch.from_numpy(exceeded(S.numpy(), floors.numpy()))
+
+
+def exceeded(x, floors):
+    """int64 masks of the float32 ``floors`` (ascending) below each float32 cosine of the numpy
+    array ``x``, by table look-up: a bucket holding no floor has the same floors below all its
+    cosines (the bucket is monotone in the cosine); the cosines of a bucket holding a floor are
+    counted by binary search. Several times faster than a binary search per cosine."""
+    key = floors.tobytes()
+    if key not in _TABLES:
+        if len(_TABLES) > 8:
+            _TABLES.clear()
+        fb = _bucket(floors)
+        ambiguous = np.zeros(_BUCKETS + 1, bool)
+        ambiguous[fb] = True
+        _TABLES[key] = (_FULL[np.searchsorted(fb, np.arange(_BUCKETS + 1))], ambiguous)
+    masks, ambiguous = _TABLES[key]
+    b = _bucket(x)
+    out = masks[b]
+    near = np.flatnonzero(ambiguous[b])
+    if len(near):
+        out.flat[near] = _FULL[np.searchsorted(floors, x.flat[near])]
+    return out
+
+
+def greedy_nms(over, k, suppressed=None):
     """Kept masks (B x m, int64, bit l for threshold l) of greedy NMS in rank order.
 
-    ``over``: B x m x m masks from :func:`over_masks`. Position j is final once the positions
-    before it are, so one step per rank position decides every threshold at once.
+    ``over``: B x m x m masks from :func:`over_masks`; ``suppressed``: optional B x m masks of
+    thresholds at which faces ranked before these already suppress them. Position j is final
+    once the positions before it are, so one step per rank position decides every threshold at once.
     """
     full = int(_FULL[k])
     cpu = over.device.type == "cpu"
     ov = over.numpy() if cpu else over
     B, m = ov.shape[:2]
-    sup = np.zeros((B, m), np.int64) if cpu else torch.zeros((B, m), dtype=torch.int64, device=over.device)
+    if suppressed is not None:
+        sup = suppressed.numpy().copy() if cpu else suppressed.clone()
+    else:
+        sup = np.zeros((B, m), np.int64) if cpu else torch.zeros((B, m), dtype=torch.int64, device=over.device)
     for j in range(m - 1):
         alive = ~sup[:, j] & full
         sup[:, j + 1:] |= alive[:, None] & ov[:, j, j + 1:]

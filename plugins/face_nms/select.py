@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .feature_stream import FeatureReader, IdentityPlan
+from .blocked_nms import MIN_ROWS, greedy_blocks, nearest_blocks
 from .nms import MAX_THRESHOLDS, Ranker, count_bits, greedy_nms, nearest_kept, over_masks
 from .proxy_subset import check_ratio, per_identity_quota, random_subset
 from .threshold_search import RATIO_TOLERANCE, bracket, closest, crossing, refine
@@ -42,6 +43,7 @@ class Selection:
     source: str = "memory"  # how the rows were read: memory, spill or passes
     file_reads: int = 0  # sequential reads of the whole feature file (several per pass for "passes")
     warnings: list = field(default_factory=list)  # one line each: a request the selection could not follow
+    pair_peak: int = 0  # most cosines held at once (at most the pair budget, whatever the identity sizes)
 
     @property
     def kept(self):
@@ -102,7 +104,11 @@ def _exact_matmul():
 
 
 class _Run:
-    """The batches of a plan's blocks, and the kept mask of every row (bit l: kept at grid[l])."""
+    """The batches of a plan's blocks, and the kept mask of every row (bit l: kept at grid[l]).
+
+    An identity whose m x m cosines exceed ``budget`` is decided alone, in blocks of ranked faces
+    (:mod:`.blocked_nms`), from its ranked features; smaller ones are batched, B m^2 <= budget.
+    """
 
     def __init__(self, plan, ranker, budget=1 << 22, max_rows=None):
         if max_rows is None:
@@ -112,7 +118,11 @@ class _Run:
         self.plan, self.ranker, self.budget, self.max_rows = plan, ranker, budget, max_rows
         self.masks = np.zeros(plan.total, np.int64)
         self.masks[plan.singles] = -1  # a lone face is kept at every threshold
-        self.cache = []  # (ranked cosines, ranked rows) of the sample's batches
+        self.cache = []  # (ranked cosines or, for a blocked identity, ranked features; ranked rows) of the sample
+        self.pair_peak = 0
+
+    def blocked(self, m):
+        return m * m > self.budget
 
     def batches(self, i, j, X):
         """(labels, B x m x d features, B x m rows) of identities i..j-1, whose rows X holds in plan order."""
@@ -129,14 +139,26 @@ class _Run:
                 rows = plan.order[r0:r0 + (e - s) * m].reshape(e - s, m)
                 yield plan.labels[s:e], X[r0 - base:r0 - base + (e - s) * m].reshape(e - s, m, -1), rows
 
+    def kept_masks(self, S, grid):
+        """Kept masks (B x m) of ranked cosines S (B x m x m), or of one blocked identity's ranked
+        features (1 x m x d)."""
+        if self.blocked(S.shape[1]):
+            keep, peak = greedy_blocks(S[0], grid, self.budget)
+            self.pair_peak = max(self.pair_peak, peak)
+            return keep[None]
+        self.pair_peak = max(self.pair_peak, S.numel())
+        return greedy_nms(over_masks(S, grid), len(grid))
+
     def decide(self, S, rs, grid):
-        keep = greedy_nms(over_masks(S, grid), len(grid))
-        self.masks[rs.cpu().numpy()] = keep.cpu().numpy()
+        self.masks[rs.cpu().numpy()] = self.kept_masks(S, grid).cpu().numpy()
 
     def process(self, stream, grid, cache=False, bar=None):
         for i, j, X in stream:
             for labs, Xb, rows in self.batches(i, j, X):
-                S, rs = self.ranker.rank(Xb, rows, labs)
+                if self.blocked(rows.shape[1]):
+                    S, rs = self.ranker.ranked_features(Xb, rows, labs)
+                else:
+                    S, rs = self.ranker.rank(Xb, rows, labs)
                 if cache:
                     self.cache.append((S.cpu(), rs.cpu()))
                 if grid is not None:
@@ -159,8 +181,7 @@ class _Run:
         plan = self.plan
         kept = np.zeros(len(grid), np.int64)
         for S, rs in self.cache:
-            kept += count_bits(greedy_nms(over_masks(S.to(self.ranker.device), grid), len(grid)).cpu().numpy().ravel(),
-                               len(grid))
+            kept += count_bits(self.kept_masks(S.to(self.ranker.device), grid).cpu().numpy().ravel(), len(grid))
         multi = len(plan.order)
         return (len(plan.singles) + kept * (multi / max(plan.sample_rows, 1))) / plan.total
 
@@ -174,8 +195,13 @@ class _Run:
                 break
             seen += rs.numel()
             S = S.to(self.ranker.device)
-            keep = greedy_nms(over_masks(S, [threshold]), 1).bool()
-            near = nearest_kept(S, keep)
+            keep = self.kept_masks(S, [threshold]).bool()
+            if self.blocked(S.shape[1]):
+                near, peak = nearest_blocks(S[0][keep[0]], self.budget)
+                self.pair_peak = max(self.pair_peak, peak)
+                near = torch.full(keep.shape, float("-inf"), device=S.device).masked_scatter_(keep, near)
+            else:
+                near = nearest_kept(S, keep)
             rows.append(rs[keep.cpu()].numpy())
             v = near[keep].cpu().numpy().astype(np.float32)
             v[~np.isfinite(v)] = np.nan
@@ -224,7 +250,7 @@ def _bar_factory(progress):
 @_exact_matmul()
 def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard-first", centers=None, seed=0,
                     device=None, chunk_rows=1 << 16, search_sample=20000, source=None, spill_dir=None,
-                    memory_budget=None, progress=False, log=None):
+                    memory_budget=None, pair_budget=1 << 22, progress=False, log=None):
     """Face-NMS selection.
 
     Args:
@@ -247,6 +273,10 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         source, spill_dir, memory_budget: how rows are read (see :class:`.feature_stream.FeatureReader`):
             a file larger than memory is regrouped through unlinked temporary files in
             ``spill_dir`` when given, else read in several sequential passes.
+        pair_budget: cosines held at once (float32, each with an 8-byte mask of the thresholds it
+            exceeds): identities of up to its square root faces are batched, a larger identity is
+            decided in blocks of that many ranked faces against the faces kept so far, with the
+            same result, in memory O(m d + pair_budget) for m faces of dimension d.
         log: callable receiving one-line notes (the reading strategy).
 
     Returns:
@@ -258,6 +288,9 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         check_ratio(ratio)
     else:
         threshold = _check_threshold(threshold)
+    if isinstance(pair_budget, (bool, np.bool_)) or not isinstance(pair_budget, (int, np.integer)) \
+            or pair_budget < MIN_ROWS * MIN_ROWS:
+        raise ValueError(f"pair_budget must be a whole number of cosines >= {MIN_ROWS * MIN_ROWS}, got {pair_budget!r}")
     if not isinstance(search_sample, (int, np.integer)) or search_sample < 0:
         raise ValueError(f"search_sample must be a number of identities >= 0, got {search_sample!r}")
     labels, centers = _check_inputs(features, labels, centers)
@@ -265,7 +298,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
     plan = IdentityPlan(labels, search_sample, seed)
     reader = FeatureReader(features, plan, block_rows=chunk_rows, source=source, spill_dir=spill_dir,
                            memory_budget=memory_budget, log=log)
-    run = _Run(plan, ranker)
+    run = _Run(plan, ranker, budget=pair_budget)
     bars = _bar_factory(progress)
     blocks = plan.blocks(chunk_rows)
     n_sample_blocks = sum(1 for i, _ in blocks if i < plan.n_sample)
@@ -317,7 +350,7 @@ def select_core_set(features, labels, *, threshold=None, ratio=None, order="hard
         reader.close()
     sel = Selection(keep=keep, threshold=float(threshold), method="nms" if order != "random" else "local",
                     order=order, total=len(labels), nn_cos=nn, nn_rows=nn_rows, search=search, passes=passes,
-                    source=reader.source, file_reads=reader.passes_over_file)
+                    source=reader.source, file_reads=reader.passes_over_file, pair_peak=run.pair_peak)
     sel.warnings = selection_warnings(sel, labels, ratio)
     return sel
 
