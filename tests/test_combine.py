@@ -57,6 +57,21 @@ def config(ds, index, output):
     return cfg
 
 
+def summarised(ds, path, rows):
+    """A filtered index of ``rows`` of the image records with the summary a face_nms command writes."""
+    from plugins.face_nms.provenance import dataset_provenance
+    from plugins.face_nms.recordio_index import read_index
+    from plugins.face_nms.report import index_summary
+    index = read_index(ds.rec)
+    keep = np.zeros(len(index), bool)
+    keep[rows] = True
+    write_idx(path, index.keys[keep], index.offsets[keep])
+    dataset = dict(dataset_provenance(ds.rec))
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(index_summary(index.labels, keep, index.keys, dataset, method="test"), f)
+    return path
+
+
 def intersection(ds, paths):
     """Keys and offsets of the dataset's image records in every index, in train.idx order."""
     _, keys, offsets = image_records(ds.rec)
@@ -113,8 +128,9 @@ def test_every_index_of_the_list_is_checked(ds, tmp_path):
         face_nms_filter(config(ds, [ds.indexes[1], str(moved)], out), SimpleNamespace(imgidx=None))
     # disjoint indexes: nothing to train on
     _, keys, offsets = image_records(ds.rec)
-    a, b = write_idx(str(tmp_path / "a.idx"), keys[::2], offsets[::2]), write_idx(str(tmp_path / "b.idx"),
-                                                                                  keys[1::2], offsets[1::2])
+    n = len(keys)
+    a, b = summarised(ds, str(tmp_path / "a.idx"), np.arange(0, n, 2)), summarised(ds, str(tmp_path / "b.idx"),
+                                                                                  np.arange(1, n, 2))
     with pytest.raises(RecordIOError, match="have no record in common"):
         face_nms_filter(config(ds, [a, b], out), SimpleNamespace(imgidx=None))
     with pytest.raises(ValueError, match="lists .*sel.idx twice"):
@@ -170,8 +186,9 @@ def test_combine_command_errors_are_one_line(ds, tmp_path, capsys):
     one_line(*combine(sel, ds.foreign), 1, "foreign.idx", "does not belong", "select again")
     one_line(*combine(sel, str(tmp_path / "none.idx")), 1, "--index", "none.idx", "not found")
     _, keys, offsets = image_records(ds.rec)
-    a, b = write_idx(str(tmp_path / "a.idx"), keys[::2], offsets[::2]), write_idx(str(tmp_path / "b.idx"),
-                                                                                  keys[1::2], offsets[1::2])
+    n = len(keys)
+    a, b = summarised(ds, str(tmp_path / "a.idx"), np.arange(0, n, 2)), summarised(ds, str(tmp_path / "b.idx"),
+                                                                                  np.arange(1, n, 2))
     one_line(*combine(a, b), 1, "a.idx", "b.idx", "no record in common")
     one_line(*combine(sel), 2, "two or more --index")
     one_line(*combine(sel, sel), 2, "--index", "given twice")

@@ -145,7 +145,7 @@ def test_a_link_to_a_regular_file_is_written_through(data, capsys, tmp_path):
 
 def test_outputs_with_names_as_long_as_allowed_are_written(data, capsys, tmp_path):
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
-    out = str(tmp_path / ("p" * (limit - 4) + ".idx"))
+    out = str(tmp_path / ("p" * (limit - 5) + ".idx"))  # its summary <stem>.json at the limit
     status, lines = cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", out], capsys)
     assert status == 0, lines
     assert open(out).read() == open(data["idx"]).read()
@@ -292,7 +292,8 @@ def test_proxy_subset_onto_a_selection_replaces_its_whole_set(data, capsys, tmp_
     assert sorted(os.listdir(tmp_path)) == ["s.html", "s.idx", "s.json", "s_nn_cosine.png", "s_retention.png"]
     status, lines = cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", out], capsys)
     assert status == 0, lines
-    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["s.idx"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["s.idx", "s.json"]
+    assert json.load(open(tmp_path / "s.json"))["method"].startswith("proxy-subset")
     assert open(out).read() == open(data["idx"]).read()
     assert len(_filter(data["rec"], out)) == len(open(out).read().splitlines())
 
@@ -300,10 +301,11 @@ def test_proxy_subset_onto_a_selection_replaces_its_whole_set(data, capsys, tmp_
 def test_a_report_named_as_the_summary_of_an_index_is_refused(data, capsys, tmp_path):
     status, _ = cli(["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", str(tmp_path / "s.idx")], capsys)
     assert status == 0
+    summary = open(tmp_path / "s.json").read()
     status, lines = cli(["conflicts", "--features", data["feats"], "--rec", data["rec"], "--out",
                          str(tmp_path / "s.json")], capsys)
     assert status == 2 and len(lines) == 1 and "s.idx" in lines[0] and "--out" in lines[0], lines
-    assert not os.path.exists(tmp_path / "s.json")
+    assert open(tmp_path / "s.json").read() == summary
 
 
 # ---- concurrent writers of one set ----
