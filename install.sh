@@ -108,18 +108,18 @@ undo() {
   mv -T "$s/journal" "$s/journal.undone" 2>/dev/null || true
 }
 
-# undone MESSAGE: undoes this run's commit and says MESSAGE with the outcome
+# undone WHAT DONE: undoes this run's commit and says WHAT went wrong, then DONE or what is left
 undone() {
   committing=0
-  if undo "$STAGE"; then echo "install.sh: $1" >&2
-  else echo "install.sh: ${1%%;*}; $undo_failed could not be put back yet: run install.sh again to undo the rest" >&2; fi
+  if undo "$STAGE"; then echo "install.sh: $1$2" >&2
+  else echo "install.sh: $1; $undo_failed could not be put back yet: run install.sh again to undo the rest" >&2; fi
 }
 
 on_exit() {
   local rc=$?
   phase=hold
   # stopped by an error the run did not foresee
-  [ "$committing" = 0 ] || undone "stopped before the end; the changes made so far were undone"
+  [ "$committing" = 0 ] || undone "stopped before the end" "; the changes made so far were undone"
   if [ -n "$STAGE" ] && ! [ -f "$STAGE/journal" ]; then rm -rf "$STAGE"; fi
   if [ "$locked" = 1 ] && [ /dev/fd/9 -ef "$LOCK" ]; then rm -f "$LOCK"; fi
   exit "$rc"
@@ -129,7 +129,7 @@ trap on_exit EXIT
 fail() {  # a failure before or during the commit: undo what was made, then one line
   phase=hold
   if [ -n "$sig" ]; then [ "$committing" = 0 ] || stop; exit "$sig"; fi  # a tool killed by a Ctrl-C
-  if [ "$committing" = 1 ]; then undone "$*; nothing was changed"; else echo "install.sh: $*. Nothing was changed." >&2; fi
+  if [ "$committing" = 1 ]; then undone "$*" ". Nothing was changed."; else echo "install.sh: $*. Nothing was changed." >&2; fi
   exit 1
 }
 
@@ -222,7 +222,7 @@ commit() {
   committing=0
 }
 
-stop() { undone "stopped before the end; the changes made so far were undone"; exit "$sig"; }  # a signal came during the commit
+stop() { undone "stopped before the end" "; the changes made so far were undone"; exit "$sig"; }  # a signal came during the commit
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
