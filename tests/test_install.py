@@ -525,3 +525,20 @@ def test_a_stage_of_a_killed_install_is_removed_by_the_next_run(host, pristine, 
     assert r.returncode == 0 and r.stderr == "", (r.stdout, r.stderr)
     assert tree(at) == (installed_tree if then == "install" else tree(pristine))
     assert not leftovers(at)
+
+
+def test_a_repair_that_cannot_put_a_file_back_names_it_and_the_next_run_finishes(host, pristine, chattr, tmp_path):
+    root, at = host
+    p = start("install", root, env=killed_by(tmp_path, "mv", 3))  # the journal, the manifest, two patched files
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    target = os.path.join(at, "dataset.py")
+    chattr("i", target)
+    r = install("--uninstall", root)
+    assert_failed_cleanly(r, target)
+    assert "run again" in r.stderr
+    assert [n for n in os.listdir(at) if n.startswith(STAGE)], "the unfinished changes are still recorded"
+    subprocess.run(["chattr", "-i", target], check=True)
+    r = install("--uninstall", root)
+    assert r.returncode == 0 and r.stderr == "" and "undid" in r.stdout, (r.stdout, r.stderr)
+    assert tree(at) == tree(pristine) and not leftovers(at)
