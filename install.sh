@@ -64,15 +64,19 @@ PATCHES=("$REPO"/patches/*.patch)
 # journal.done once the commit is whole; a stage without a journal is only deleted.
 STAGE=""; locked=0; phase=run; sig=""; committing=0; undo_failed=""
 
-# INT, TERM and HUP stop a run at once until the commit begins; from then on (commit, rollback,
-# clean-up) they are noted and the commit stops between two steps and is undone.
+# INT, TERM and HUP stop a run at once until the commit begins; during the commit they are noted
+# and the commit stops between two steps and is undone; while it is undone and the run cleans up,
+# they are ignored, by the tools it runs too (a Ctrl-C reaches them as well).
 on_signal() {
   [ -n "$sig" ] && return 0
   sig="$1"
   [ "$phase" = run ] && exit "$1"
   return 0
 }
-trap 'on_signal 130' INT; trap 'on_signal 143' TERM; trap 'on_signal 129' HUP
+catch_signals() { trap 'on_signal 130' INT; trap 'on_signal 143' TERM; trap 'on_signal 129' HUP; }
+# (a signal caught just before is reported by bash as a bad trap value once ignored: not shown)
+hold_signals() { { trap '' INT TERM HUP; } 2>/dev/null; }
+catch_signals
 trap '' XFSZ  # a file size limit makes writes fail (and say so) instead of killing the tools
 
 # the system's reason at the end of a tool's error message ("... : Operation not permitted")
@@ -117,7 +121,7 @@ undone() {
 
 on_exit() {
   local rc=$?
-  phase=hold
+  phase=hold; hold_signals
   # stopped by an error the run did not foresee
   [ "$committing" = 0 ] || undone "stopped before the end" "; the changes made so far were undone"
   if [ -n "$STAGE" ] && ! [ -f "$STAGE/journal" ]; then rm -rf "$STAGE"; fi
@@ -129,7 +133,7 @@ trap on_exit EXIT
 fail() {  # a failure before or during the commit: undo what was made, then one line
   phase=hold
   if [ -n "$sig" ]; then [ "$committing" = 0 ] || stop; exit "$sig"; fi  # a tool killed by a Ctrl-C
-  if [ "$committing" = 1 ]; then undone "$*" ". Nothing was changed."; else echo "install.sh: $*. Nothing was changed." >&2; fi
+  if [ "$committing" = 1 ]; then hold_signals; undone "$*" ". Nothing was changed."; else echo "install.sh: $*. Nothing was changed." >&2; fi
   exit 1
 }
 
@@ -166,11 +170,13 @@ repair() {
   for d in "$AT/$STAGE_NAME".*; do
     [ -d "$d" ] && ! [ -L "$d" ] || continue
     if [ -f "$d/journal" ]; then
+      hold_signals
       undo "$d" || die "cannot undo the unfinished changes of an earlier run kept in $d: $undo_failed could not be put back; make it writable and run again"
       echo "install.sh: undid the unfinished changes of an earlier run in $AT"
     fi
     out=$(rm -rf "$d" 2>&1) || die "cannot remove $d ($(reason "$out")); remove it and run again"
   done
+  catch_signals
   phase=run
   [ -z "$sig" ] || exit "$sig"
 }
@@ -222,7 +228,7 @@ commit() {
   committing=0
 }
 
-stop() { undone "stopped before the end" "; the changes made so far were undone"; exit "$sig"; }  # a signal came during the commit
+stop() { hold_signals; undone "stopped before the end" "; the changes made so far were undone"; exit "$sig"; }  # a signal came during the commit
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 

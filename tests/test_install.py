@@ -306,7 +306,7 @@ def fresh(src_at, base, i):
 def start(mode, root, env=None):
     args = ["--no-deps", root] if mode == "install" else ["--uninstall", root]
     return subprocess.Popen(["bash", "-c", 'export INSTALL_PID=$$; exec bash "$0" "$@"', INSTALL, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
 def committing(at):
@@ -355,7 +355,8 @@ def at_random(p, at, took, rng):
 def test_a_signal_at_any_moment_leaves_the_host_pristine_or_installed(pristine, installed_copy, installed_tree,
                                                                          tmp_path):
     """SIGTERM / SIGINT / SIGHUP at random moments of installs and uninstalls, often a second and third
-    one during the rollback."""
+    one during the rollback; a third of them to the whole process group, as a Ctrl-C does (the tools
+    running get it too)."""
     rng = random.Random(int(os.environ.get("INSTALL_SIGNAL_SEED", "0")))
     took = timings(pristine, installed_copy, str(tmp_path))
     want = {"pristine": tree(pristine), "installed": installed_tree}
@@ -365,17 +366,18 @@ def test_a_signal_at_any_moment_leaves_the_host_pristine_or_installed(pristine, 
         before, after = ("pristine", "installed") if mode == "install" else ("installed", "pristine")
         root, at = fresh(pristine if mode == "install" else installed_copy, str(tmp_path), i)
         sig = rng.choice([signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+        group = rng.random() < 1 / 3
         p = start(mode, root)
         at_random(p, at, took[mode], rng)
         for _ in range(rng.choice([1, 1, 2, 3])):
             try:
-                p.send_signal(sig)
+                os.killpg(p.pid, sig) if group else p.send_signal(sig)
             except ProcessLookupError:
                 break
             time.sleep(rng.uniform(0, 0.01))
         out, err = p.communicate(timeout=120)
         state = next((s for s, t in want.items() if tree(at) == t), "neither")
-        case = dict(run=i, mode=mode, signal=sig.name, rc=p.returncode, stdout=out, stderr=err, state=state)
+        case = dict(run=i, mode=mode, signal=sig.name, group=group, rc=p.returncode, stdout=out, stderr=err, state=state)
         assert state in (before, after) and not leftovers(at), (case, leftovers(at))
         assert len(err.strip().splitlines()) <= 1 and "line " not in err, case
         assert (p.returncode == 0) == (state == after), case
