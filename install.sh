@@ -7,6 +7,7 @@
 #   ./install.sh --uninstall INSIGHTFACE_DIR  restores every host file byte for byte
 #
 # PYTHON selects the interpreter whose environment receives the dependencies (default python3).
+# INSTALL_LOCK_WAIT: seconds to wait for another run on the same host to end (default 10).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -141,6 +142,8 @@ need_dir() { [ -w "$1" ] || die "$1 is not writable; make it writable (chmod, ch
 
 take_lock() {  # signals are noted while the lock is taken, so that a lock taken is always removed
   local n holder=""
+  [[ "${INSTALL_LOCK_WAIT:-10}" =~ ^[0-9]{1,6}$ ]] \
+    || die "INSTALL_LOCK_WAIT=$INSTALL_LOCK_WAIT is not a number of seconds; set it to one (default 10) and run again. Nothing was changed."
   need_dir "$AT"
   phase=hold
   for ((n = 0; n <= ${INSTALL_LOCK_WAIT:-10} * 10; n++)); do
@@ -159,7 +162,7 @@ take_lock() {  # signals are noted while the lock is taken, so that a lock taken
     [ -z "$sig" ] || exit "$sig"  # the file is the holder's to remove
     sleep 0.1
   done
-  read -r holder < "$LOCK" 2>/dev/null || true
+  read -r holder 2>/dev/null < "$LOCK" || true
   die "$LOCK is held by another install.sh run${holder:+ (pid $holder)} on this host; wait for it to finish and run again. Nothing was changed."
 }
 

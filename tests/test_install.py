@@ -544,3 +544,12 @@ def test_a_repair_that_cannot_put_a_file_back_names_it_and_the_next_run_finishes
     r = install("--uninstall", root)
     assert r.returncode == 0 and r.stderr == "" and "undid" in r.stdout, (r.stdout, r.stderr)
     assert tree(at) == tree(pristine) and not leftovers(at)
+
+
+def test_a_bad_lock_wait_is_refused_in_one_line(host):
+    root, at = host
+    before = tree(at)
+    r = subprocess.run(["bash", INSTALL, "--no-deps", root], capture_output=True, text=True,
+                       env=dict(os.environ, INSTALL_LOCK_WAIT="1x"))
+    assert_failed_cleanly(r, "INSTALL_LOCK_WAIT=1x")
+    assert tree(at) == before and not leftovers(at)
