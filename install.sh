@@ -63,7 +63,7 @@ PATCHES=("$REPO"/patches/*.patch)
 # the journal undoes a commit cut short at any point: by the run itself (a failure, a signal) or,
 # after a SIGKILL, by the next run, which finds the stage under the lock. The journal is renamed
 # journal.done once the commit is whole; a stage without a journal is only deleted.
-STAGE=""; locked=0; phase=run; sig=""; committing=0; undo_failed=""
+STAGE=""; locked=0; lock_open=0; phase=run; sig=""; committing=0; undo_failed=""
 
 # INT, TERM and HUP stop a run at once until the commit begins; during the commit they are noted
 # and the commit stops between two steps and is undone; while it is undone and the run cleans up,
@@ -126,7 +126,11 @@ on_exit() {
   # stopped by an error the run did not foresee
   [ "$committing" = 0 ] || undone "stopped before the end" "; the changes made so far were undone"
   if [ -n "$STAGE" ] && ! [ -f "$STAGE/journal" ]; then rm -rf "$STAGE"; fi
-  if [ "$locked" = 1 ] && [ /dev/fd/9 -ef "$LOCK" ]; then rm -f "$LOCK"; fi
+  # the lock file is removed by whoever holds the lock (a run stopped while taking it takes it now
+  # if no other run holds it)
+  if [ "$locked" = 1 ] || { [ "$lock_open" = 1 ] && flock -n 9 2>/dev/null; }; then
+    if [ /dev/fd/9 -ef "$LOCK" ]; then rm -f "$LOCK"; fi
+  fi
   exit "$rc"
 }
 trap on_exit EXIT
@@ -146,9 +150,10 @@ take_lock() {  # signals are noted while the lock is taken, so that a lock taken
     || die "INSTALL_LOCK_WAIT=$INSTALL_LOCK_WAIT is not a number of seconds; set it to one (default 10) and run again. Nothing was changed."
   need_dir "$AT"
   phase=hold
-  for ((n = 0; n <= ${INSTALL_LOCK_WAIT:-10} * 10; n++)); do
+  for ((n = 0; ; n++)); do
     { exec 9<>"$LOCK"; } 2>/dev/null || die "cannot create the lock file $LOCK; make $AT writable and run again"
-    if flock -n 9; then
+    lock_open=1
+    if flock -n 9 2>/dev/null; then
       if [ /dev/fd/9 -ef "$LOCK" ]; then
         locked=1
         { printf '%s\n' "$$" >&9; } 2>/dev/null || true
@@ -158,9 +163,9 @@ take_lock() {  # signals are noted while the lock is taken, so that a lock taken
       fi
       continue  # its holder removed it on leaving: lock the file there now
     fi
-    exec 9>&-
-    [ -z "$sig" ] || exit "$sig"  # the file is the holder's to remove
-    sleep 0.1
+    [ -z "$sig" ] || exit "$sig"
+    ((n < ${INSTALL_LOCK_WAIT:-10} * 10)) || break
+    sleep 0.1 || true
   done
   read -r holder 2>/dev/null < "$LOCK" || true
   die "$LOCK is held by another install.sh run${holder:+ (pid $holder)} on this host; wait for it to finish and run again. Nothing was changed."
