@@ -63,7 +63,7 @@ PATCHES=("$REPO"/patches/*.patch)
 # the journal undoes a commit cut short at any point: by the run itself (a failure, a signal) or,
 # after a SIGKILL, by the next run, which finds the stage under the lock. The journal is renamed
 # journal.done once the commit is whole; a stage without a journal is only deleted.
-STAGE=""; locked=0; lock_open=0; phase=run; sig=""; committing=0; undo_failed=""
+STAGE=""; locked=0; lock_open=0; phase=run; sig=""; undo_tried=0; undo_failed=""
 
 # INT, TERM and HUP stop a run at once until the commit begins; during the commit they are noted
 # and the commit stops between two steps and is undone; while it is undone and the run cleans up,
@@ -91,6 +91,7 @@ die() { phase=hold; echo "install.sh: $*" >&2; exit 1; }
 undo() {
   local s="$1" i kind target name try out lines=()
   undo_failed=""
+  [ -f "$s/journal" ] || return 0
   mapfile -t lines < "$s/journal"
   for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
     IFS=$'\t' read -r kind target <<< "${lines[$i]}"
@@ -115,16 +116,18 @@ undo() {
 
 # undone WHAT DONE: undoes this run's commit and says WHAT went wrong, then DONE or what is left
 undone() {
-  committing=0
+  undo_tried=1
   if undo "$STAGE"; then echo "install.sh: $1$2" >&2
   else echo "install.sh: $1; $undo_failed could not be put back yet: run install.sh again to undo the rest" >&2; fi
 }
+
+in_commit() { [ -n "$STAGE" ] && [ -f "$STAGE/journal" ]; }  # from the journal's rename to journal.done
 
 on_exit() {
   local rc=$?
   phase=hold; hold_signals
   # stopped by an error the run did not foresee
-  [ "$committing" = 0 ] || undone "stopped before the end" "; the changes made so far were undone"
+  if [ "$undo_tried" = 0 ] && in_commit; then undone "stopped before the end" "; the changes made so far were undone"; fi
   if [ -n "$STAGE" ] && ! [ -f "$STAGE/journal" ]; then rm -rf "$STAGE"; fi
   # the lock file is removed by whoever holds the lock (a run stopped while taking it takes it now
   # if no other run holds it)
@@ -137,8 +140,8 @@ trap on_exit EXIT
 
 fail() {  # a failure before or during the commit: undo what was made, then one line
   phase=hold
-  if [ -n "$sig" ]; then [ "$committing" = 0 ] || stop; exit "$sig"; fi  # a tool killed by a Ctrl-C
-  if [ "$committing" = 1 ]; then hold_signals; undone "$*" ". Nothing was changed."; else echo "install.sh: $*. Nothing was changed." >&2; fi
+  if [ -n "$sig" ]; then in_commit && stop; exit "$sig"; fi  # a tool killed by a Ctrl-C
+  if in_commit; then hold_signals; undone "$*" ". Nothing was changed."; else echo "install.sh: $*. Nothing was changed." >&2; fi
   exit 1
 }
 
@@ -213,27 +216,26 @@ stage_backup() {
 # path with / as %. remove moves the file to NAME.old, deleted with the stage.
 journal=()
 plan() { journal+=("$1"$'\t'"$2"); }
-stage_name() { local n="${1//\//%}"; printf '%s' "$n"; }
 
 commit() {
   local line kind target name out
   out=$(printf '%s\n' "${journal[@]}" 2>&1 > "$STAGE/journal.tmp") || fail "cannot write in $AT ($(reason "$out"))"
   phase=hold
   [ -z "$sig" ] || exit "$sig"
-  out=$(mv -T "$STAGE/journal.tmp" "$STAGE/journal" 2>&1) || fail "cannot write in $AT ($(reason "$out"))"
-  committing=1
+  # (a tool killed by a Ctrl-C may have done its rename: the files say)
+  out=$(mv -T "$STAGE/journal.tmp" "$STAGE/journal" 2>&1) || in_commit || fail "cannot write in $AT ($(reason "$out"))"
   for line in "${journal[@]}"; do
     [ -z "$sig" ] || stop
     IFS=$'\t' read -r kind target <<< "$line"
-    name=$(stage_name "$target")
+    name="${target//\//%}"
     case "$kind" in
       replace|create) out=$(mv -fT "$STAGE/$name.new" "$AT/$target" 2>&1) || fail "cannot write $AT/$target ($(reason "$out"))" ;;
       remove) out=$(mv -T "$AT/$target" "$STAGE/$name.old" 2>&1) || fail "cannot remove $AT/$target ($(reason "$out"))" ;;
     esac
   done
   [ -z "$sig" ] || stop
-  out=$(mv -T "$STAGE/journal" "$STAGE/journal.done" 2>&1) || fail "cannot write in $AT ($(reason "$out"))"
-  committing=0
+  out=$(mv -T "$STAGE/journal" "$STAGE/journal.done" 2>&1) || [ -f "$STAGE/journal.done" ] \
+    || fail "cannot write in $AT ($(reason "$out"))"
 }
 
 stop() { hold_signals; undone "stopped before the end" "; the changes made so far were undone"; exit "$sig"; }  # a signal came during the commit
@@ -383,7 +385,7 @@ fi
 new_stage
 for line in "${journal[@]}"; do
   IFS=$'\t' read -r kind target <<< "$line"
-  name=$(stage_name "$target")
+  name="${target//\//%}"
   case "$target" in
     "$MANIFEST_NAME")
       out=$(printf '%s\n' "${entries[@]}" 2>&1 > "$STAGE/$name.new") || fail "cannot write in $AT ($(reason "$out"))"
