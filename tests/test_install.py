@@ -379,14 +379,17 @@ def test_a_signal_at_any_moment_leaves_the_host_pristine_or_installed(pristine, 
         state = next((s for s, t in want.items() if tree(at) == t), "neither")
         case = dict(run=i, mode=mode, signal=sig.name, group=group, rc=p.returncode, stdout=out, stderr=err, state=state)
         assert state in (before, after) and not leftovers(at), (case, leftovers(at))
-        assert len(err.strip().splitlines()) <= 1 and "line " not in err, case
+        # bash 5.2 itself, signalled while it parses a $(...), may fail to parse the trap: the host is
+        # still exact, the run ends with status 2 and bash's own line
+        bash_parse = group and p.returncode == 2 and "unexpected EOF while looking for matching" in err
+        assert len(err.strip().splitlines()) <= 1 and ("line " not in err or bash_parse), case
         assert (p.returncode == 0) == (state == after), case
         if "undone" in err:
             assert state == before and err.strip() == "install.sh: stopped before the end; the changes made so far were undone", case
-        outcomes[(mode, state, "undone" if "undone" in err else "")] += 1
+        outcomes[(mode, state, "undone" if "undone" in err else "bash parse error" if bash_parse else "")] += 1
         shutil.rmtree(root)
     print(f"{SIGNAL_RUNS} runs:", dict(outcomes))
-    assert sum(n for k, n in outcomes.items() if k[2]) > 0, "some signals came during the commit"
+    assert sum(n for k, n in outcomes.items() if k[2] == "undone") > 0, "some signals came during the commit"
 
 
 def test_a_kill_at_any_moment_is_repaired_by_the_next_run(pristine, installed_copy, installed_tree, tmp_path):
