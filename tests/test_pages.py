@@ -172,12 +172,11 @@ def test_a_conflicts_page_without_decodable_records_keeps_its_tables(ds, tmp_pat
     with open(rec / "train.rec", "r+b") as f:
         f.truncate(os.path.getsize(rec / "train.rec") // 2)
     _, labels, keys, _ = load_features(ds["feats"], ds["rec"])
-    _, _, offsets = image_records(ds["rec"])
     info = json.load(open(ds["out"]))
     pairs = [{k: (float(v) if k == "cosine" else int(v)) for k, v in p.items()}
              for p in csv.DictReader(open(ds["out"][:-5] + "_pairs.csv"))]
     said = []
-    page = conflicts_page("t", info, pairs, [], np.zeros(0, np.int64), labels, keys, offsets, str(rec), log=said.append)
+    page = conflicts_page("t", info, pairs, [], np.zeros(0, np.int64), labels, keys, str(rec), log=said.append)
     assert "id='no-faces'" in page and "train.rec" in page and "<img" not in page
     assert [(int(a["label-a"]), int(a["label-b"])) for a, _ in table_rows(page, "pairs")] == \
         [(p["label_a"], p["label_b"]) for p in pairs]

@@ -226,7 +226,7 @@ def test_load_features_refuses_another_dataset(rec_dir, other_rec, relabelled, t
     json.dump(meta, open(meta_path, "w"))
     load_features(out, rec_dir)
     with pytest.raises(ValueError, match=r"labels differ for \d+ of \d+ rows compared \(record \d+: \d+ in labels.npy, "
-                                         r"\d+ in train.rec\)"):
+                                         r"\d+ in the dataset\)"):
         load_features(out, relabelled)
     # an extraction that recorded no provenance: keys and every label compared
     del meta["provenance"]

@@ -259,7 +259,7 @@ def test_labels_that_differ_are_shown_exactly(rec, tmp_path):
     np.save(os.path.join(feats, "labels.npy"), labels.astype(np.float64) + np.r_[0.5, np.zeros(len(labels) - 1)])
     key = int(np.load(os.path.join(feats, "keys.npy"))[0])
     with pytest.raises(ValueError, match=rf"labels differ for 1 of {len(labels)} rows compared \(record {key}: "
-                                         rf"{labels[0]}.5 in labels.npy, {labels[0]} in train.rec\)"):
+                                         rf"{labels[0]}.5 in labels.npy, {labels[0]} in the dataset\)"):
         load_features(feats, rec)
 
 
