@@ -5,6 +5,7 @@
 #   ./install.sh --no-deps INSIGHTFACE_DIR    the same without pip
 #   ./install.sh --deps-only                  dependencies only (tests, demo, benchmarks)
 #   ./install.sh --uninstall INSIGHTFACE_DIR  restores every host file byte for byte
+#   ./install.sh --uninstall --deps-only      removes the mxnet import hook from the environment
 #
 # PYTHON selects the interpreter whose environment receives the dependencies (default python3).
 # INSTALL_LOCK_WAIT: seconds to wait for another run on the same host to end (default 10).
@@ -13,7 +14,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 MANIFEST_NAME=".arcface-plugins-manifest"
-deps=1; mode=install; host=""
+deps=1; deps_only=0; mode=install; host=""
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -21,7 +22,7 @@ usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit "${1
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-deps) deps=0 ;;
-    --deps-only) mode=deps ;;
+    --deps-only) deps_only=1 ;;
     --uninstall) mode=uninstall ;;
     -h|--help) usage 0 ;;
     -*) echo "install.sh: unknown option $1" >&2; usage 2 ;;
@@ -30,18 +31,49 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-install_deps() {
-  # one resolver run: requirements.txt under constraints/pyX.Y.txt, the full set resolved for that Python
-  local ver cons
-  ver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
-    || die "cannot run '$PYTHON': set PYTHON to a Python 3.10, 3.11 or 3.12 interpreter"
-  cons="$REPO/constraints/py$ver.txt"
-  [ -f "$cons" ] || die "Python $ver is not supported: there is no constraints/py$ver.txt; use Python 3.10, 3.11 or 3.12 (e.g. PYTHON=python3.12 ./install.sh ...)"
-  echo "install.sh: installing dependencies with Python $ver (constraints/py$ver.txt)"
-  "$PYTHON" -m pip install -r "$REPO/requirements.txt" -c "$cons"
+# The dependencies, in three pip runs: requirements.txt and requirements-host.txt (--deps-only: and
+# requirements-test.txt) under constraints/pyX.Y.txt, the set resolved for that Python; mxnet 1.9.1
+# without its declared dependencies (its numpy<2 would hold numpy and everything built on it back, and
+# no numpy < 2 has a wheel for Python 3.13); mxnet-compat-hook (mxnet_hook/), which applies
+# plugins/compat.py to every `import mxnet` in the environment.
+python_version() {
+  "$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null \
+    || die "cannot run '$PYTHON': set PYTHON to a Python 3.10 to 3.13 interpreter"
 }
 
-[ "$mode" = deps ] && { install_deps; exit 0; }
+install_deps() {
+  local ver cons reqs build out
+  ver=$(python_version)
+  cons="$REPO/constraints/py$ver.txt"
+  [ -f "$cons" ] || die "Python $ver is not supported: there is no constraints/py$ver.txt; use Python 3.10, 3.11, 3.12 or 3.13 (e.g. PYTHON=python3.13 ./install.sh ...)"
+  reqs=(-r "$REPO/requirements.txt" -r "$REPO/requirements-host.txt")
+  [ "$mode" = deps ] && reqs+=(-r "$REPO/requirements-test.txt")
+  echo "install.sh: installing dependencies with Python $ver (constraints/py$ver.txt)"
+  "$PYTHON" -m pip install "${reqs[@]}" -c "$cons"
+  "$PYTHON" -m pip install --no-deps -r "$REPO/requirements-mxnet.txt" -c "$cons"
+  # built from a copy, so that the checkout stays as it is (and may be read-only)
+  build=$(mktemp -d) || die "cannot make a temporary folder to build mxnet-compat-hook"
+  out=$(cp -r "$REPO/mxnet_hook" "$build/mxnet_hook" 2>&1 && mkdir "$build/plugins" && cp "$REPO/plugins/compat.py" "$build/plugins/" 2>&1) \
+    || { rm -rf "$build"; die "cannot copy mxnet_hook to $build ($out)"; }
+  "$PYTHON" -m pip install --no-deps --no-build-isolation --force-reinstall "$build/mxnet_hook" || { rm -rf "$build"; exit 1; }
+  rm -rf "$build"
+}
+
+# what install_deps added that is this project's own: the import hook (the packages stay)
+uninstall_deps() {
+  python_version >/dev/null
+  if "$PYTHON" -m pip show -q mxnet-compat-hook >/dev/null 2>&1; then
+    "$PYTHON" -m pip uninstall -y -q mxnet-compat-hook
+    echo "install.sh: removed mxnet-compat-hook from $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  else
+    echo "install.sh: mxnet-compat-hook is not installed for $PYTHON; nothing to do"
+  fi
+}
+
+if [ "$deps_only" = 1 ]; then
+  if [ "$mode" = uninstall ]; then uninstall_deps; else mode=deps; install_deps; fi
+  exit 0
+fi
 [ -n "$host" ] || usage 2
 
 AT="$host/recognition/arcface_torch"

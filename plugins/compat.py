@@ -5,6 +5,9 @@ removed (``PZERO``, ``NINF``, ``msort``, ...), ``ndarray.tostring`` in ``recordi
 ``recordio.pack_img`` (removed in numpy 2.3) and ``distutils`` (removed from Python 3.12, provided by setuptools).
 ``import_mxnet()`` supplies the numpy ones and imports mxnet; every
 module that uses mxnet, the host's dataset.py included (through the patch), imports it here.
+install.sh also installs a copy of this module with an import hook (``mxnet-compat-hook``, see
+``mxnet_hook/``) that runs ``before_import`` and ``after_import`` around any ``import mxnet``, so
+that the host's own mxnet tools (rec_builder.py, shuffle_rec.py, eval/verification.py) run as they are.
 """
 import importlib.util
 import numbers
@@ -70,14 +73,28 @@ def _pack_img_with_tobytes(recordio):
     return pack_img
 
 
-def import_mxnet():
-    """The ``mxnet`` module, imported after the aliases it needs."""
+def before_import():
+    """What mxnet 1.9.1 needs before its own code runs: the numpy aliases and an importable distutils."""
     numpy_aliases()
     if importlib.util.find_spec("distutils") is None:
         try:
             import setuptools  # noqa: F401  (makes its copy of distutils importable)
         except ImportError:
             pass
+
+
+def after_import(mxnet):
+    """RecordIO writing with ``tobytes`` on a numpy without ``ndarray.tostring``."""
+    if not hasattr(np.ndarray, "tostring") and not getattr(mxnet.recordio.pack, "_tobytes", False):
+        mxnet.recordio.pack = _pack_with_tobytes(mxnet.recordio)
+        mxnet.recordio.pack._tobytes = True
+        mxnet.recordio.pack_img = _pack_img_with_tobytes(mxnet.recordio)
+        mxnet.recordio.pack_img._tobytes = True
+
+
+def import_mxnet():
+    """The ``mxnet`` module, imported after the aliases it needs."""
+    before_import()
     try:
         import mxnet
     except ModuleNotFoundError as exc:
@@ -85,8 +102,5 @@ def import_mxnet():
             raise
         raise ImportError("mxnet 1.9.1 imports distutils, which Python 3.12 no longer ships: "
                           "install setuptools in this environment (pip install setuptools)") from None
-    if not hasattr(np.ndarray, "tostring") and not getattr(mxnet.recordio.pack, "_tobytes", False):
-        mxnet.recordio.pack = _pack_with_tobytes(mxnet.recordio)
-        mxnet.recordio.pack._tobytes = True
-        mxnet.recordio.pack_img = _pack_img_with_tobytes(mxnet.recordio)
+    after_import(mxnet)
     return mxnet
