@@ -254,7 +254,8 @@ def test_face_nms_filter_on_the_host_dataset(installed, small_rec, tmp_path):
 
 
 def test_face_nms_filter_list_on_the_host_dataset(installed, small_rec, tmp_path):
-    """config.face_nms = dict(index=[a, b]): the host's MXFaceDataset yields the records in both."""
+    """config.face_nms = dict(index=[a, b]): the host's MXFaceDataset yields the records in both (indexes
+    written here without summaries: trust_index=True)."""
     _, at = installed
     index = read_index(small_rec)
     paths, masks = [], []
@@ -268,8 +269,8 @@ def test_face_nms_filter_list_on_the_host_dataset(installed, small_rec, tmp_path
         from easydict import EasyDict as edict
         from dataset import MXFaceDataset
         from plugins.registry import apply_dataset_filter
-        cfg = edict(rec={small_rec!r}, num_image=10 ** 9, dataset_filter="face_nms", face_nms=dict(index={paths!r}),
-                    output={str(tmp_path / "run")!r})
+        cfg = edict(rec={small_rec!r}, num_image=10 ** 9, dataset_filter="face_nms",
+                    face_nms=dict(index={paths!r}, trust_index=True), output={str(tmp_path / "run")!r})
         ds = apply_dataset_filter(cfg, MXFaceDataset(root_dir=cfg.rec, local_rank=0))
         labels = [int(ds[i][1]) for i in range(len(ds))]
         print(json.dumps({{"keys": [int(k) for k in ds.imgidx], "labels": labels, "num_image": cfg.num_image,
