@@ -417,3 +417,10 @@ def test_selection_page_labels_in_a_browser(ds, tmp_path):
     assert "kept_per_identity_histogram" not in text
     recs = {f"key_{k}": im for k, (_, im) in records(ds["rec"]).items()}
     assert_screen_shows(screen, images, recs)
+
+
+def test_warnings_stand_at_the_top_of_the_cleaning_pages():
+    from plugins.face_nms.page_parts import warnings_html
+    html = warnings_html(["the default threshold reaches 1.0000 <b>"])
+    assert html.startswith("<div id='warnings'") and "reaches 1.0000 &lt;b&gt;" in html
+    assert warnings_html([]) == "" and warnings_html(None) == ""

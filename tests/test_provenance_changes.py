@@ -275,3 +275,13 @@ def test_proxy_subset_writes_the_summary_the_filter_checks(rec, tmp_path, capsys
     rewrite_in_place(rec)
     with pytest.raises(ValueError, match=r"proxy.idx was not selected from .*train_rec_sample_sha256"):
         run_filter(rec, index=out)
+
+
+def test_a_dataset_of_another_layout_is_refused_though_no_field_is_shared():
+    from plugins.face_nms.provenance import dataset_differences
+    recorded = {"train_idx_sha256": "a" * 64, "train_rec_bytes": 10, "train_rec_sample_sha256": "b" * 64}
+    folder = {"layout": "folder", "images": 3, "identities": 1, "file_list_sha256": "c" * 64,
+              "content_sample_sha256": "d" * 64}
+    refusing, informs = dataset_differences(recorded, None, folder)
+    assert informs == [] and any(r.startswith("dataset.train_idx_sha256") for r in refusing), refusing
+    assert any(r.startswith("dataset.file_list_sha256") for r in refusing), refusing

@@ -287,7 +287,7 @@ def main(argv=None):
                    help="stop after this many chunks per rank; rerun to continue (default: all)")
     s.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser("select", help="Face-NMS selection, written as a filtered .idx + summary + plots")
+    s = sub.add_parser("select", help="Face-NMS selection, written as a filtered set (.idx or .txt) + summary + plots + page")
     s.add_argument("--features", required=True, help="folder written by extract")
     s.add_argument("--rec", required=True, help="the dataset (RecordIO or image folder) the features were extracted from")
     s.add_argument("--ratio", type=guards.ratio, help="kept fraction wanted (the threshold is searched)")
@@ -307,7 +307,7 @@ def main(argv=None):
                    help="identities shown on the page <out stem>.html (0: numbers and plots only)")
     s.set_defaults(func=cmd_select)
 
-    s = sub.add_parser("gallery", help="HTML page of what a filtered index keeps and drops (faces from train.rec)")
+    s = sub.add_parser("gallery", help="HTML page of what a filtered set keeps and drops (faces decoded from the dataset)")
     s.add_argument("--rec", required=True, help=REC_HELP)
     s.add_argument("--features", required=True, help="folder written by extract for that dataset")
     s.add_argument("--index", required=True, help="a filtered set of that dataset, .idx or .txt (select, proxy-subset, ...)")
@@ -359,11 +359,13 @@ def main(argv=None):
                    help="matched identities shown per .bin on the page, highest cosine first (the rest counted)")
     s.set_defaults(func=cmd_overlap)
 
-    s = sub.add_parser("combine", help="one filtered .idx of the records in every given index (selection, conflicts "
+    s = sub.add_parser("combine", help="one filtered set of the records in every given set (selection, conflicts "
                                        "drop, overlap exclusion), with its summary")
-    s.add_argument("--rec", required=True, help="folder with train.rec and train.idx")
-    s.add_argument("--index", required=True, action="append", help="a filtered .idx of that folder (repeat)")
-    s.add_argument("--out", required=True, help="combined .idx to write; its summary <stem>.json goes beside it")
+    s.add_argument("--rec", required=True, help=REC_HELP)
+    s.add_argument("--index", required=True, action="append",
+                   help="a filtered set of that dataset, .idx or .txt for an image folder (repeat)")
+    s.add_argument("--out", required=True, help="combined set to write (.idx, or .txt for an image folder); its "
+                                                "summary <stem>.json goes beside it")
     s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("demo", help="generate a small RecordIO set with near-duplicate bursts and select from it")

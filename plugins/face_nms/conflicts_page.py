@@ -9,7 +9,7 @@ fetched). The rows are those of the CSV tables, with the same rounded values.
 """
 import numpy as np
 
-from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record_thumbnails, rows_of, spread
+from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record_thumbnails, rows_of, spread, warnings_html
 
 PAGE_ROWS = 200
 FLAGGED_SIDE = 4  # faces of each identity beside a flagged face (three images of 64 px fit a row)
@@ -63,6 +63,7 @@ def conflicts_page(title, info, pairs, faces, face_rows, labels, keys, dataset, 
              f"{FACES_PER_IDENTITY} faces each, record keys under them). "
              f"<code>--drop</code> removes the smaller identity of each pair (marked), "
              f"<code>--drop-mode faces</code> the flagged faces.</p>"]
+    parts.append(warnings_html(info.get("warnings")))
     if reason:
         parts.append(f"<p id='no-faces'>No faces shown: {e(reason)}</p>")
     parts.append(CONTROLS)

@@ -43,6 +43,8 @@ def _value(key, value):
         return _search(value)
     if key.endswith("quantiles") and isinstance(value, dict):
         return e(", ".join(f"{_percentile(q)} {_number('', v)}" for q, v in value.items())) if value else "none"
+    if key == "warnings" and isinstance(value, list):
+        return "<br>".join(e(str(w)) for w in value) if value else "none"
     if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
         return _records(value)
     if isinstance(value, dict):

@@ -105,10 +105,6 @@ def search_overlap(train_features, train_labels, eval_sets, threshold=None, *, k
         genuine = _leave_one_out(train_features, C, counts, lengths, rows, pos)
         impostor = _nearest_other(S[:len(rows)], I[:len(rows)], pos)
         threshold, rule = equal_error_threshold(genuine, impostor)
-        if log and rule["separation"] < 2:
-            log(f"the model separates the training identities poorly (genuine and impostor medians "
-                f"{rule['genuine_median']:.3f} and {rule['impostor_median']:.3f}, {rule['separation']:.1f} spreads "
-                f"from the threshold {threshold:.4f}): expect missed overlap and false matches")
     result = Overlap(float(threshold), rule, dict(info, k=kk))
     if rule["rule"] != "given" and not -1 + EDGE < threshold < 1 - EDGE:
         result.warnings.append(
@@ -117,6 +113,12 @@ def search_overlap(train_features, train_labels, eval_sets, threshold=None, *, k
             f"nearly one feature, so the overlap " + ("holds no identity or only copies" if threshold > 0 else
                                                       "holds every identity") +
             "; check the model, or give --threshold")
+    elif rule["rule"] != "given" and rule["separation"] < 2:
+        result.warnings.append(
+            f"the model separates the training identities poorly: the genuine and impostor medians "
+            f"({rule['genuine_median']:.3f} and {rule['impostor_median']:.3f}) lie only {rule['separation']:.1f} "
+            f"robust spreads from the threshold {threshold:.4f}; expect missed overlap and false matches: use a "
+            f"better-trained proxy model, or give --threshold")
     start = len(rows)
     for e in evals:
         s, i = S[start:start + len(e)], I[start:start + len(e)]

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record_thumbnails, rows_of, spread, thumbnail
+from .page_parts import CONTROLS, FACES_PER_IDENTITY, e, head, img, more, record_thumbnails, rows_of, spread, thumbnail, warnings_html
 
 PAGE_ROWS = 200
 
@@ -53,6 +53,7 @@ def overlap_page(title, report, bins, sets, labels, keys, dataset, rows=PAGE_ROW
              f"verification accuracy optimistic; <code>--exclude</code> writes the training index without them. "
              f"Per row: the training identity's faces (record keys under them), then the evaluation images that "
              f"matched it (image index, its pair, cosine).</p>"]
+    parts.append(warnings_html(report.get("warnings")))
     if reason:
         parts.append(f"<p id='no-faces'>No training faces shown: {e(reason)}</p>")
     parts.append(CONTROLS)

@@ -19,6 +19,7 @@ body{font:14px/1.4 sans-serif;margin:16px;color:#222;background:#fff}
 table{border-collapse:collapse}td,th{padding:2px 10px 2px 0;vertical-align:top;text-align:left}
 h1{font-size:20px}h2{font-size:17px;margin:18px 0 6px}
 .legend,.rule{color:#444;max-width:1100px}
+.warnings{background:#fff4e0;border:1px solid #e0a040;padding:4px 10px;max-width:1100px}
 .controls{background:#f4f4f4;padding:6px 8px;margin:8px 0;display:inline-block}
 .controls input{width:6em}
 table.rows>tbody>tr{border-top:1px solid #ccc}
@@ -131,3 +132,12 @@ def more(n, what):
 def head(title, script=False):
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{STYLE}</style>"
             f"{SCRIPT if script else ''}</head><body><h1>{e(title)}</h1>")
+
+
+def warnings_html(lines):
+    """The warnings a command printed, as a list at the top of its page (nothing when there are none)."""
+    if not lines:
+        return ""
+    return ("<div id='warnings' class='warnings'><b>Warnings</b> (also on stderr and in the JSON):<ul>" +
+            "".join(f"<li>{e(w)}</li>" for w in lines) + "</ul></div>")
+

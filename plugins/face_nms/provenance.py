@@ -114,6 +114,8 @@ def dataset_differences(recorded, rec_dir, now=None):
     if not isinstance(recorded, dict):
         return differences(recorded, now, "dataset."), []
     both = [k for k in recorded if k in now]
+    if recorded and not both:  # another kind of dataset (a RecordIO folder then, an image folder now, ...)
+        return differences(recorded, now, "dataset."), []
     refusing = differences({k: recorded[k] for k in both if k not in INFORMS},
                            {k: now[k] for k in both if k not in INFORMS})
     informs = [f"{k} ({_when(recorded[k])} then, {_when(now[k])} now)" for k in both
@@ -207,9 +209,13 @@ def check_dataset(feature_dir, meta, rec_dir, labels, keys):
         if informs:
             note(informs, rec_dir)
     rec_keys = ds.keys
-    if not np.array_equal(rec_keys, keys):
+    if len(rec_keys) != len(keys):
         raise ValueError(f"{other}: its {len(keys)} rows do not match the {len(rec_keys)} face records of "
                          f"{rec_dir}; extract features of this dataset")
+    if not np.array_equal(rec_keys, keys):
+        k = int(np.flatnonzero(rec_keys != keys)[0])
+        raise ValueError(f"{other}: row {k} is record {int(keys[k])} in keys.npy but {ds.record_name(k)} in the "
+                         f"dataset (the rows are other records or in another order); extract features of this dataset")
     rows = np.arange(len(keys))
     if recorded is not None and len(rows) > LABEL_SAMPLE:
         rows = np.unique(np.linspace(0, len(keys) - 1, LABEL_SAMPLE).astype(np.int64))
