@@ -355,3 +355,12 @@ def test_overlap_exclusion_of_a_folder_is_a_file_list_the_filter_takes(tmp_path,
     cfg = edict(rec=root, num_image=0, dataset_filter="face_nms", face_nms=dict(index=exclude))
     tv = apply_dataset_filter(cfg, ImageFolder(root))
     assert [os.path.relpath(p, root) for p, _ in tv.samples] == kept and cfg.num_image == len(kept)
+
+
+@pytest.mark.parametrize("where", ["identity", "nested"])
+def test_line_break_in_a_folder_name(tmp_path, capsys, where):
+    root = small_tree(tmp_path / "t")
+    bad = os.path.join(root, "a\nb") if where == "identity" else os.path.join(root, "a", "sub\rdir")
+    os.rename(os.path.join(root, "a"), bad) if where == "identity" else os.rename(os.path.join(root, "a", "sub"), bad)
+    status, _, lines = run(["stats", "--rec", root], capsys)
+    one_line(status, lines, 1, repr(bad), "line break in its name", "rename it")

@@ -251,6 +251,10 @@ def _inode(path):
 def _walk(folder, found, ancestors, bar):
     """os.walk(folder, followlinks=True) collecting (folder, [(image name, size, mtime_ns)]); a link back to an
     ancestor, an unreadable folder and an image that cannot be stat-ed are refused."""
+    name = os.path.basename(folder)
+    if "\n" in name or "\r" in name:
+        raise FolderError(f"folder {folder!r} has a line break in its name; a filtered set lists one image path per "
+                          f"line: rename it")
     images, subdirs = [], []
     try:
         with os.scandir(folder) as it:
