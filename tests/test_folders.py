@@ -364,3 +364,14 @@ def test_line_break_in_a_folder_name(tmp_path, capsys, where):
     os.rename(os.path.join(root, "a"), bad) if where == "identity" else os.rename(os.path.join(root, "a", "sub"), bad)
     status, _, lines = run(["stats", "--rec", root], capsys)
     one_line(status, lines, 1, repr(bad), "line break in its name", "rename it")
+
+
+def test_a_filtered_set_with_crlf_line_ends(tmp_path, capsys):
+    root = small_tree(tmp_path / "t")
+    lf = str(tmp_path / "lf.txt")
+    assert run(["proxy-subset", "--rec", root, "--ratio", "0.5", "--out", lf], capsys)[0] == 0
+    crlf = str(tmp_path / "crlf.txt")
+    with open(lf, "rb") as f, open(crlf, "wb") as g:
+        g.write(f.read().replace(b"\n", b"\r\n"))
+    ds = open_dataset(root, progress=False)
+    assert np.array_equal(ds.subset_rows(crlf), ds.subset_rows(lf)) and len(ds.subset_rows(lf)) == 6

@@ -178,7 +178,8 @@ def read_file_list(path):
                           f"config.face_nms['index']")
     try:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            return [line[:-1] if line.endswith("\n") else line for line in f if line != "\n"]
+            # an image name never holds a line break (the listing refuses one), so a CRLF end is an editor's
+            return [line.rstrip("\r\n") for line in f if line not in ("\n", "\r\n")]
     except OSError as exc:
         raise FolderError(f"filtered set {path} cannot be read ({exc.strerror}); check the file") from None
 
