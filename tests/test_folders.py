@@ -375,3 +375,15 @@ def test_a_filtered_set_with_crlf_line_ends(tmp_path, capsys):
         g.write(f.read().replace(b"\n", b"\r\n"))
     ds = open_dataset(root, progress=False)
     assert np.array_equal(ds.subset_rows(crlf), ds.subset_rows(lf)) and len(ds.subset_rows(lf)) == 6
+
+
+def test_no_output_into_a_linked_identity_folder(tmp_path, capsys):
+    root = small_tree(tmp_path / "t")
+    elsewhere = str(tmp_path / "elsewhere")
+    os.rename(os.path.join(root, "b"), elsewhere)
+    os.symlink(elsewhere, os.path.join(root, "b"))
+    before = tree_bytes(elsewhere)
+    for out in (os.path.join(elsewhere, "p.txt"), os.path.join(elsewhere, "new", "p.txt")):
+        status, _, lines = run(["proxy-subset", "--rec", root, "--ratio", "0.5", "--out", out], capsys)
+        one_line(status, lines, 2, f"is inside the image folder {root}", "outside it")
+    assert tree_bytes(elsewhere) == before and not os.path.exists(os.path.join(elsewhere, "new"))

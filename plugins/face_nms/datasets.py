@@ -36,7 +36,18 @@ def open_dataset(path, progress=True):
 
 
 def inside(path, dataset_path):
-    """Whether writing ``path`` would put something inside the image folder ``dataset_path`` (or replace it)."""
-    folder = os.path.realpath(dataset_path)
+    """Whether writing ``path`` would put something inside the image folder ``dataset_path`` (or replace it),
+    also through an identity folder that is a link to a folder elsewhere (its images are the dataset's too)."""
     real = os.path.realpath(path)
-    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+               for folder in [os.path.realpath(dataset_path)] + _linked_identities(dataset_path))
+
+
+def _linked_identities(dataset_path):
+    """Real paths of the identity folders of ``dataset_path`` that are links (one scandir, no stat of others)."""
+    try:
+        with os.scandir(dataset_path) as it:
+            links = [e.path for e in it if e.is_symlink()]
+    except OSError:
+        return []
+    return [os.path.realpath(p) for p in links if os.path.isdir(p)]
