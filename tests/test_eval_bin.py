@@ -174,6 +174,14 @@ def payloads(sentinel):
                     _global("numpy", "ndarray", p) + b"(" + (b"I1099511627776\n" if p == 0 else
                                                             b"\x8a\x06\x00\x00\x00\x00\x00\x01") +
                     b"t" + _text("b", p) + b"tR."))
+        out.append((f"ndarray size p{p}", "numpy.ndarray with (tuple, str)",
+                    _head(p) + _global("numpy", "ndarray", p) + b"((" + (b"I8589934592\n" if p == 0 else
+                                                                         b"\x8a\x05\x00\x00\x00\x00\x02") +
+                    b"t" + _text("uint8", p) + b"tR."))
+        out.append((f"nested ndarray size p{p}", "numpy.ndarray with (tuple, str)",
+                    _wrap(_global("numpy", "ndarray", p) + b"((" + (b"I8589934592\n" if p == 0 else
+                                                                    b"\x8a\x05\x00\x00\x00\x00\x02") +
+                          b"t" + _text("uint8", p) + b"tR", p)))
     for p in (4, 5):
         # STACK_GLOBAL with computed names: from the memo, and from a reduction
         memo = _head(p) + _text("os", 1) + b"\x94" + _text("system", 1) + b"\x94" + b"h\x00h\x01\x93(" + \

@@ -71,9 +71,23 @@ def _binary(kind):
     return make
 
 
+class _NdarrayName:
+    """numpy.ndarray as a .bin names it: the subtype argument of _reconstruct, never called itself
+    (``ndarray(shape)`` would allocate an array of any size the file asks for)."""
+    __name__ = "ndarray"
+
+    def __call__(self, *args, **kwargs):
+        raise _Refused(f"it calls numpy.ndarray with ({', '.join(type(a).__name__ for a in args)}), which an "
+                       f"evaluation .bin does not hold")
+
+
+_NDARRAY = _NdarrayName()
+
+
 def _empty_array(reconstruct):
     def make(subtype, shape, typecode):
         # numpy pickles an array as an empty ndarray that BUILD then fills: never a subclass, never a size
+        subtype = np.ndarray if subtype is _NDARRAY else subtype
         if subtype is not np.ndarray or tuple(shape) != (0,):
             raise _Refused(f"it calls _reconstruct with {getattr(subtype, '__name__', type(subtype).__name__)}, "
                            f"shape {str(shape)[:40]}, which an evaluation .bin does not hold")
@@ -87,6 +101,8 @@ def _resolve(module, name):
         return _latin1
     if name in ("bytes", "bytearray"):
         return _binary(bytes if name == "bytes" else bytearray)
+    if (module, name) == ("numpy", "ndarray"):
+        return _NDARRAY
     if module == "numpy":
         return getattr(np, name)
     for core in ("_core", "core"):  # the numpy that runs, whichever numpy wrote the file
