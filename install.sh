@@ -11,7 +11,8 @@
 # INSTALL_LOCK_WAIT: seconds to wait for another run on the same host to end (default 10).
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# the project's folder, also when this script is run through a link to it
+REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 MANIFEST_NAME=".arcface-plugins-manifest"
 deps=1; deps_only=0; mode=install; host=""
@@ -76,6 +77,8 @@ if [ "$deps_only" = 1 ]; then
 fi
 [ -n "$host" ] || usage 2
 
+[ -f "$REPO/patches/host.sha256" ] && [ -d "$REPO/plugins" ] \
+  || die "$REPO/patches/host.sha256 or $REPO/plugins not found: run the install.sh of a complete checkout of this project"
 AT="$host/recognition/arcface_torch"
 [ -f "$AT/train_v2.py" ] || die "$AT/train_v2.py not found: INSIGHTFACE_DIR must be the root of an insightface checkout"
 AT="$(cd "$AT" && pwd)"

@@ -558,3 +558,18 @@ def test_a_bad_lock_wait_is_refused_in_one_line(host):
                        env=dict(os.environ, INSTALL_LOCK_WAIT="1x"))
     assert_failed_cleanly(r, "INSTALL_LOCK_WAIT=1x")
     assert tree(at) == before and not leftovers(at)
+
+
+def test_run_through_a_link_from_another_folder_into_a_path_with_spaces(pristine, installed_tree, tmp_path):
+    at = tmp_path / "my hosts" / "insight face" / "recognition" / "arcface_torch"
+    shutil.copytree(pristine, at, symlinks=True)
+    (tmp_path / "bin dir").mkdir()
+    link = tmp_path / "bin dir" / "install-arcface-plugins"
+    os.symlink(os.path.join(ROOT, "install.sh"), link)
+    run = lambda *args: subprocess.run(["bash", str(link), *args], capture_output=True, text=True, cwd=str(tmp_path))
+    r = run("--no-deps", str(tmp_path / "my hosts" / "insight face"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert tree(str(at)) == installed_tree
+    r = run("--uninstall", str(tmp_path / "my hosts" / "insight face"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert tree(str(at)) == tree(pristine)
