@@ -379,6 +379,8 @@ fi
 # refuse before touching anything
 check_host ""
 if { [ -e "$AT/plugins" ] || [ -L "$AT/plugins" ]; } && [ "$(readlink "$AT/plugins" || true)" != "$REPO/plugins" ]; then
+  [ -L "$AT/plugins" ] && grep -qx 'link:plugins' "$MANIFEST" 2>/dev/null \
+    && die "$AT/plugins links to $(readlink "$AT/plugins"), an earlier install from a project that moved or another copy; run ./install.sh --uninstall $host first, then install again. Nothing was changed."
   die "$AT/plugins exists and is not this project's link; move it away and run again. Nothing was changed."
 fi
 entries=("link:plugins")

@@ -573,3 +573,20 @@ def test_run_through_a_link_from_another_folder_into_a_path_with_spaces(pristine
     r = run("--uninstall", str(tmp_path / "my hosts" / "insight face"))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert tree(str(at)) == tree(pristine)
+
+
+def test_an_install_from_a_moved_project_says_to_uninstall_first(host, tmp_path):
+    moved = tmp_path / "project"
+    moved.mkdir()
+    subprocess.run(f"git ls-files -z | xargs -0 cp --parents -t {moved}", shell=True, check=True, cwd=ROOT)
+    r = install("--no-deps", host[0], repo=str(moved))
+    assert r.returncode == 0, r.stderr
+    os.rename(moved, tmp_path / "project moved")
+    before = tree(host[1])
+    r = install("--no-deps", host[0])
+    assert_failed_cleanly(r, f"{host[1]}/plugins")
+    assert "--uninstall" in r.stderr and str(moved) in r.stderr and tree(host[1]) == before
+    r = install("--uninstall", host[0])
+    assert r.returncode == 0, r.stderr
+    r = install("--no-deps", host[0])
+    assert r.returncode == 0, r.stderr
