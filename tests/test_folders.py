@@ -387,3 +387,21 @@ def test_no_output_into_a_linked_identity_folder(tmp_path, capsys):
         status, _, lines = run(["proxy-subset", "--rec", root, "--ratio", "0.5", "--out", out], capsys)
         one_line(status, lines, 2, f"is inside the image folder {root}", "outside it")
     assert tree_bytes(elsewhere) == before and not os.path.exists(os.path.join(elsewhere, "new"))
+
+
+def test_a_deeply_nested_identity_is_listed(tmp_path, capsys):
+    root = small_tree(tmp_path / "t")
+    deep = os.path.join(root, "a")
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(sys.getrecursionlimit() + 50):  # deeper than a recursive walk reaches, within PATH_MAX
+        os.mkdir("d", dir_fd=fd)
+        fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+        f.write(open(os.path.join(root, "b", "face 000 ü.jpg"), "rb").read())
+    os.close(fd)
+    ds = open_dataset(root, progress=False)
+    deep_rows = [i for i, name in enumerate(ds.files) if name.endswith("/d/deep.jpg")]
+    assert len(ds) == 13 and len(deep_rows) == 1 and ds.labels.tolist() == [0] * 7 + [1] * 6
+    assert ds.labels[deep_rows[0]] == 0 and ds.files == sorted(ds.files[:7], key=lambda n: os.path.dirname(n)) + \
+        ds.files[7:]

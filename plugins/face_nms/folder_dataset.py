@@ -216,7 +216,7 @@ def list_images(root, progress=True):
         for label, name in enumerate(classes):
             top = os.path.join(root, name)
             found = []
-            _walk(top, found, [_inode(top)], bar)
+            _walk(top, found, bar)
             found.sort(key=lambda item: item[0])
             count = 0
             for folder, images in found:
@@ -249,9 +249,25 @@ def _inode(path):
     return s.st_dev, s.st_ino
 
 
-def _walk(folder, found, ancestors, bar):
-    """os.walk(folder, followlinks=True) collecting (folder, [(image name, size, mtime_ns)]); a link back to an
-    ancestor, an unreadable folder and an image that cannot be stat-ed are refused."""
+def _walk(top, found, bar):
+    """os.walk(top, followlinks=True) collecting (folder, [(image name, size, mtime_ns)]); a link back to an
+    ancestor, an unreadable folder and an image that cannot be stat-ed are refused. A stack, not recursion:
+    a tree may be nested deeper than Python's recursion limit."""
+    stack = [(top, (_inode(top),))]
+    while stack:
+        folder, ancestors = stack.pop()
+        subdirs = _list_folder(folder, found, bar)
+        for e in reversed(subdirs):
+            path = os.path.join(folder, e.name)
+            node = _inode(path)
+            if node in ancestors:
+                raise FolderError(f"{path} links back to a folder above it: the tree has a loop (os.walk with "
+                                  f"followlinks=True, as torchvision lists it, would never end); remove the link")
+            stack.append((path, ancestors + (node,)))
+
+
+def _list_folder(folder, found, bar):
+    """Appends (folder, its images) to ``found``; returns its sub-folders."""
     name = os.path.basename(folder)
     if "\n" in name or "\r" in name:
         raise FolderError(f"folder {folder!r} has a line break in its name; a filtered set lists one image path per "
@@ -282,13 +298,7 @@ def _walk(folder, found, ancestors, bar):
         images.append((name, s.st_size, s.st_mtime_ns))
     found.append((folder, images))
     bar.update(len(images))
-    for e in subdirs:
-        path = os.path.join(folder, e.name)
-        node = _inode(path)
-        if node in ancestors:
-            raise FolderError(f"{path} links back to a folder above it: the tree has a loop (os.walk with "
-                              f"followlinks=True, as torchvision lists it, would never end); remove the link")
-        _walk(path, found, ancestors + [node], bar)
+    return subdirs
 
 
 def restrict_image_folder(dataset, root, kept, listing=None):
