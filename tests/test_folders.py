@@ -400,8 +400,19 @@ def test_a_deeply_nested_identity_is_listed(tmp_path, capsys):
     with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
         f.write(open(os.path.join(root, "b", "face 000 ü.jpg"), "rb").read())
     os.close(fd)
+    try:
+        _check_deep(root)
+    finally:  # bottom up: pytest's clean-up (a recursive rmtree) cannot remove so deep a tree
+        levels = sys.getrecursionlimit() + 50
+        os.remove(os.path.join(deep, *["d"] * levels, "deep.jpg"))
+        for n in range(levels, 0, -1):
+            os.rmdir(os.path.join(deep, *["d"] * n))
+
+
+def _check_deep(root):
     ds = open_dataset(root, progress=False)
     deep_rows = [i for i, name in enumerate(ds.files) if name.endswith("/d/deep.jpg")]
     assert len(ds) == 13 and len(deep_rows) == 1 and ds.labels.tolist() == [0] * 7 + [1] * 6
     assert ds.labels[deep_rows[0]] == 0 and ds.files == sorted(ds.files[:7], key=lambda n: os.path.dirname(n)) + \
         ds.files[7:]
+
