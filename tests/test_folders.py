@@ -416,3 +416,13 @@ def _check_deep(root):
     assert ds.labels[deep_rows[0]] == 0 and ds.files == sorted(ds.files[:7], key=lambda n: os.path.dirname(n)) + \
         ds.files[7:]
 
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
+    import subprocess
+    root = small_tree(tmp_path / "t")
+    r, w = os.pipe()
+    os.close(r)  # a reader that stopped, as `| head -1` does
+    p = subprocess.run([sys.executable, "-m", "plugins.face_nms", "stats", "--rec", root], stdout=w,
+                       stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.close(w)
+    assert p.returncode == 141 and "error" not in p.stderr and "Broken pipe" not in p.stderr, p.stderr

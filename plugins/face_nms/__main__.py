@@ -386,6 +386,10 @@ def main(argv=None):
         p.exit(2, f"{name}: error: {guards.describe(exc)}\n")
     except KeyboardInterrupt:
         p.exit(130, "interrupted\n")
+    except BrokenPipeError:
+        # the reader of the output stopped (`| head`): no error, and no second one when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except ImportError as exc:
         sys.exit(f"{name}: error: {exc}; install the plugin's requirements (./install.sh --deps-only)")
     except RuntimeError as exc:
