@@ -582,3 +582,15 @@ def test_select_unreachable_ratio_warns_on_stderr_and_in_the_summary(data, capsy
     assert len(warned) == 1 and "ratio 0.01 is out of reach" in warned[0], lines
     summary = json.load(open(tmp_path / "s.json"))
     assert summary["warnings"] == [warned[0][len("face_nms select: warning: "):]]
+
+
+@pytest.mark.parametrize("command", ["proxy-subset", "select", "conflicts-drop"])
+def test_a_txt_filtered_set_of_a_recordio_dataset_is_refused(data, capsys, tmp_path, command):
+    out = str(tmp_path / "kept.txt")
+    argv = {"proxy-subset": ["proxy-subset", "--rec", data["rec"], "--ratio", "0.5", "--out", out],
+            "select": select(data, "--out", out, "--device", "cpu"),
+            "conflicts-drop": ["conflicts", "--features", data["feats"], "--rec", data["rec"], "--out",
+                               str(tmp_path / "c.json"), "--drop", out, "--device", "cpu"]}[command]
+    status, lines = cli(argv, capsys)
+    one_line(status, lines, 2, f"{out}: a filtered set of the RecordIO dataset {data['rec']}", "name it .idx")
+    assert os.listdir(tmp_path) == []

@@ -122,11 +122,15 @@ def dataset_files(rec_dir):
 
 
 def subset_name(path, rec_dir, option="--out"):
-    """A filtered set of an image folder is a .txt list of image paths."""
+    """A filtered set of an image folder is a .txt list of image paths; one of a RecordIO dataset an .idx
+    (never a .txt, which would be read as a list of image paths)."""
     from .datasets import is_recordio
     if path and os.path.isdir(rec_dir) and not is_recordio(rec_dir) and not path.endswith(".txt"):
         raise UsageError(f"{option} {path}: a filtered set of the image folder {rec_dir} is a list of its image "
                          f"paths; name it .txt")
+    if path and is_recordio(rec_dir) and path.lower().endswith(".txt"):
+        raise UsageError(f"{option} {path}: a filtered set of the RecordIO dataset {rec_dir} is an index of its "
+                         f"train.rec (key<TAB>offset lines), not a .txt list of image paths; name it .idx")
 
 
 def feature_files(feature_dir):
