@@ -426,3 +426,21 @@ def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
                        stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.close(w)
     assert p.returncode == 141 and "error" not in p.stderr and "Broken pipe" not in p.stderr, p.stderr
+
+
+def test_pages_of_a_folder_with_names_that_are_not_utf8(tmp_path, capsys):
+    root = small_tree(tmp_path / "t")
+    os.rename(os.fsencode(os.path.join(root, "a", "face 000 ü.jpg")), os.fsencode(os.path.join(root, "a")) + b"/f\xfe.jpg")
+    feats = extract_features(root, str(tmp_path / "f"), model(), batch_size=16, workers=0, chunk_rows=32,
+                             progress=False)
+    out = str(tmp_path / "s.txt")
+    status, _, lines = run(["select", "--features", feats, "--rec", root, "--ratio", "0.5", "--out", out,
+                            "--device", "cpu"], capsys)
+    assert status == 0, lines
+    assert os.fsencode(os.path.join(root, "a")) + b"/f\xfe.jpg" in [os.fsencode(os.path.join(root, p)) for p in
+                                                                   FolderDataset(root, progress=False).files]
+    page = open(str(tmp_path / "s.html"), encoding="utf-8").read()
+    assert "a/f\\xfe.jpg" in page
+    status, _, lines = run(["gallery", "--rec", root, "--features", feats, "--index", out, "--out",
+                            str(tmp_path / "g.html")], capsys)
+    assert status == 0 and "a/f\\xfe.jpg" in open(str(tmp_path / "g.html"), encoding="utf-8").read(), lines

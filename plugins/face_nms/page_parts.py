@@ -77,7 +77,18 @@ CONTROLS = ("<div class='controls'>show rows with cosine at least <input id='min
 
 
 def e(text):
-    return html.escape(str(text), quote=True)
+    """``text`` escaped for HTML; the undecodable bytes of a file name (kept as surrogates) shown as \\xNN."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape" if _escaped_bytes_only(text) else "backslashreplace")
+        text = text.decode("utf-8", "backslashreplace")
+    return html.escape(text, quote=True)
+
+
+def _escaped_bytes_only(text):
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def uri(data, kind):
