@@ -200,6 +200,11 @@ def test_filter_restricts_torchvisions_imagefolder(folder, features, tmp_path, c
     cfg = edict(rec=folder, num_image=0, dataset_filter="random", face_nms=dict(ratio=0.5, seed=1),
                 output=str(tmp_path / "work"))
     assert len(apply_dataset_filter(cfg, ImageFolder(folder))) == cfg.num_image == round(0.5 * len(ds))
+    for seed in ("abc", 1.7, -1, True):
+        cfg = edict(rec=folder, num_image=0, dataset_filter="random", face_nms=dict(ratio=0.5, seed=seed),
+                    output=str(tmp_path / "work"))
+        with pytest.raises(ValueError, match=r"config.face_nms\['seed'\] must be a whole number >= 0"):
+            apply_dataset_filter(cfg, ImageFolder(folder))
 
 
 def test_filter_refuses_a_list_of_another_folder(folder, tmp_path):
@@ -444,3 +449,23 @@ def test_pages_of_a_folder_with_names_that_are_not_utf8(tmp_path, capsys):
     status, _, lines = run(["gallery", "--rec", root, "--features", feats, "--index", out, "--out",
                             str(tmp_path / "g.html")], capsys)
     assert status == 0 and "a/f\\xfe.jpg" in open(str(tmp_path / "g.html"), encoding="utf-8").read(), lines
+
+
+def test_filtered_set_lines_that_are_not_relative_image_paths_say_what_they_are(tmp_path):
+    from plugins.face_nms.folder_dataset import FolderDataset, FolderError
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((112, 112, 3), 40 * i + (c == "b") * 100, np.uint8)).save(root / c / f"{i}.png")
+    ds = FolderDataset(str(root), progress=False)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa/0.png\nb/1.png\n".encode("utf-8"))
+    assert [ds.files[r] for r in ds.subset_rows(str(bom))] == ["a/0.png", "b/1.png"]
+    for text, says in ((f"{root}/a/0.png\n", "is not a path relative to the image folder"),
+                       ("a/../a/0.png\n", "is not a path relative to the image folder"),
+                       ("0\t0\n1\t120\n", "it is an MXNet index of a RecordIO dataset")):
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(FolderError, match=says):
+            ds.subset_rows(str(bad))

@@ -204,7 +204,10 @@ def _barrier():
 def random_filter(cfg, dataset):
     """A random per-identity sample: the counts of ``index`` per identity, or ``ratio``."""
     opts = _options(cfg)
-    seed = int(opts.get("seed", 0))
+    seed = opts.get("seed", 0)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"config.face_nms['seed'] must be a whole number >= 0, got {seed!r}")
+    seed = int(seed)
     full = open_dataset(cfg.rec)
     if opts.get("index"):
         with reading_set(opts["index"]):

@@ -149,6 +149,14 @@ class FolderDataset:
         for n, name in enumerate(paths):
             i = where.get(name)
             if i is None:
+                if os.path.isabs(name) or ".." in name.split("/") or name.startswith("./"):
+                    raise FolderError(f"{what}: line {n + 1} ({name!r}) is not a path relative to the image folder "
+                                      f"{self.path} as face_nms writes them (e.g. 'id0/0001.jpg'); write the set "
+                                      f"with a face_nms command or fix its lines")
+                if "\t" in name and name.split("\t")[0].isdigit():
+                    raise FolderError(f"{what} holds 'key<TAB>offset' lines: it is an MXNet index of a RecordIO "
+                                      f"dataset, not a filtered set of the image folder {self.path}; give a .txt "
+                                      f"written for this folder")
                 raise FolderError(f"{what} does not belong to {self.path}: line {n + 1} ({name!r}) is not an image "
                                   f"of that folder; select again from features of this dataset")
             rows[n] = i
@@ -178,8 +186,12 @@ def read_file_list(path):
                           f"config.face_nms['index']")
     try:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            # an image name never holds a line break (the listing refuses one), so a CRLF end is an editor's
-            return [line.rstrip("\r\n") for line in f if line not in ("\n", "\r\n")]
+            # an image name never holds a line break (the listing refuses one), so a CRLF end is an editor's,
+            # and neither does it start with a byte-order mark
+            lines = [line.rstrip("\r\n") for line in f if line not in ("\n", "\r\n")]
+            if lines and lines[0].startswith("\ufeff"):
+                lines[0] = lines[0][1:]
+            return lines
     except OSError as exc:
         raise FolderError(f"filtered set {path} cannot be read ({exc.strerror}); check the file") from None
 
