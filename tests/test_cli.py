@@ -462,7 +462,9 @@ def test_process_interrupted_by_sigint(tmp_path):
     if p.returncode == 0 or "filtered index:" in out:
         # finished, or interrupted while the interpreter was shutting down (default handlers again)
         pytest.skip("the demo finished before the signal arrived")
-    assert p.returncode == 130, err
+    # 130; rarely the process dies by the signal itself after saying so (its exit unwinds through a worker's
+    # shutdown), which a shell reports as 130 too
+    assert p.returncode in (130, -signal.SIGINT), err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     leftovers = [n for _, _, files in os.walk(tmp_path) for n in files if ".tmp-" in n]
     assert leftovers == []
