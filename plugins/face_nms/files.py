@@ -369,3 +369,13 @@ def left_of_family(idx, written):
     """Members of ``idx``'s family that a set writing ``written`` has none of (removed with the old set)."""
     return [p for p in index_family(idx)[1:] if p not in written]
 
+
+def same_file(a, b):
+    """Whether writing ``a`` could replace ``b``: the same path once resolved, or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

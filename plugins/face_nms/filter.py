@@ -185,7 +185,7 @@ def _combined(cfg, dataset, paths, trust=False):
 
 
 def _same(a, b):
-    from .guards import same_file
+    from .files import same_file
     return same_file(str(a), str(b))
 
 

@@ -96,15 +96,7 @@ def check_device(device, option="--device"):
 
 # ---- no output may replace an input ----
 
-def same_file(a, b):
-    """Whether writing ``a`` could replace ``b``: the same path once resolved, or the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+same_file = files.same_file
 
 
 class _Tree(str):

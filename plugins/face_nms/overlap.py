@@ -266,7 +266,7 @@ def run_overlap(feature_dir, rec_dir, bin_paths, out, *, checkpoint=None, networ
         if not len(found):
             report["warnings"].append(f"the exclusion index {exclude} lists every training face: no training "
                                       f"identity matches an evaluation image at threshold {result.threshold:.4f}")
-        from .guards import same_file
+        from .files import same_file
         paths += [exclude] + ([] if same_file(summary["path"], out) else [summary["path"]])
     for line in report["warnings"]:
         log(f"face_nms overlap: warning: {line}")
