@@ -170,7 +170,6 @@ def refuse_foreign_member(path, option, own=()):
                          f"gallery read with it; choose another {option}")
 
 
-selection_outputs = files.index_family  # select writes the whole family
 
 
 # ---- outputs that can be written ----
@@ -362,7 +361,7 @@ def check_select(args):
     check_device(args.device)
     rec_folder(args.rec)
     feature_folder(args.features)
-    outputs = selection_outputs(args.out)
+    outputs = index_outputs(args.out)  # select writes the whole family
     subset_name(args.out, args.rec)
     inputs = dataset_files(args.rec) + feature_files(args.features)
     if args.centers:

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .files import output_set
+from .files import left_of_family, output_set
 from .recordio_index import write_idx
 
 LABEL_SAMPLE = 4096
@@ -93,8 +93,7 @@ def write_selection(idx_path, keys, offsets, sel, labels, dataset=None, page=Non
     paths = [idx_path] + report_paths(idx_path) + ([os.path.splitext(idx_path)[0] + ".html"] if page else [])
     if dataset is not None:
         dataset = dict(dataset, label_sample=label_sample(keys, np.asarray(labels)[sel.keep]))
-    family = report_paths(idx_path) + [os.path.splitext(idx_path)[0] + ".html"]
-    with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)], remove=family[len(paths) - 1:]) as tmps:
+    with output_set(paths, ["", "", ".png", ".png", ".html"][:len(paths)], remove=left_of_family(idx_path, paths)) as tmps:
         if write is not None:
             write(tmps[0])
         else:
